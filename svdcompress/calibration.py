@@ -1,0 +1,214 @@
+"""Calibration statistics gathered block by block, so memory stays bounded by one decoder block.
+
+The pipeline (as in llm-compressor's sequential pipeline): capture what the first decoder block
+receives for each calibration batch, then for each block in turn gather statistics of its target
+layers' inputs, let the caller compress that block, and feed the block's *compressed* outputs to the
+next one — so each layer is fitted to the inputs it will actually see, and errors do not compound.
+
+When ``track_original`` is set, a second stream carries the original model's hidden states, and
+each target also accumulates the cross-product of original and compressed inputs, which the
+closed-form left-factor update uses to pull outputs back towards the original model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdcompress.errors import CalibrationError
+from svdcompress.targets import Target, decoder_blocks, linear_shape
+
+__all__ = ["Calibration", "ModuleStats", "forward_hooks", "run_sequential"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """Token windows (n, seq_len) plus a description of where they came from."""
+
+    windows: torch.Tensor
+    source: str = "custom token windows"
+
+    def __post_init__(self) -> None:
+        if self.windows.ndim != 2 or self.windows.numel() == 0:
+            raise CalibrationError(
+                f"calibration windows must be a non-empty (n, seq_len) tensor of token ids, got "
+                f"shape {tuple(self.windows.shape)}."
+            )
+        if self.windows.dtype not in (torch.int64, torch.int32):
+            raise CalibrationError(f"calibration windows must hold token ids, got {self.windows.dtype}")
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.windows.split(batch_size))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.windows.numel()
+
+
+@dataclass
+class ModuleStats:
+    """Sums over the calibration tokens a target layer received in the compressed model."""
+
+    gram: torch.Tensor  # Σ x' x'ᵀ (in, in), float64
+    abs_sum: torch.Tensor  # Σ |x'| per input channel (in,), float64
+    cross: torch.Tensor | None = None  # Σ x x'ᵀ with x the original model's input
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n_tokens, 1)
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: dict[nn.Module, Callable], *, pre: bool = False) -> Iterator[None]:
+    """Register hooks and always remove them, even when the forward pass raises."""
+    handles = []
+    try:
+        for module, hook in hooks.items():
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(hook, with_kwargs=pre))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _BlockInputsCaptured(Exception):
+    """Raised by the capture hook: the rest of the model need not run (llm-compressor does the same)."""
+
+
+@dataclass
+class _BlockCall:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[_BlockCall]:
+    calls: list[_BlockCall] = []
+
+    def capture(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        calls.append(_BlockCall(hidden, tuple(args[1:]), dict(kwargs)))
+        raise _BlockInputsCaptured
+
+    device = next(model.parameters()).device
+    with forward_hooks({block: capture}, pre=True), torch.no_grad():
+        for batch in batches:
+            with contextlib.suppress(_BlockInputsCaptured):
+                model(input_ids=batch.to(device), use_cache=False)
+    return calls
+
+
+def _run_block(block: nn.Module, call: _BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flat_input(args: tuple) -> torch.Tensor:
+    x = args[0]
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def _gather_block_stats(
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    calls: list[_BlockCall],
+    compressed: list[torch.Tensor],
+    original: list[torch.Tensor] | None,
+) -> tuple[dict[str, ModuleStats], list[torch.Tensor] | None]:
+    """One pass over the batches: statistics for each target, and the original stream's next state."""
+    stats = {name: _empty_stats(m) for name, m in modules.items()}
+    original_inputs: dict[str, torch.Tensor] = {}
+    next_original: list[torch.Tensor] | None = [] if original is not None else None
+    batch_cache: dict[tuple, tuple] = {}
+
+    def remember_original(name):
+        def hook(_module, args, _output):
+            original_inputs[name] = _flat_input(args)
+        return hook
+
+    def accumulate(name):
+        def hook(_module, args, _output):
+            x = _flat_input(args)  # (tokens, in)
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in batch_cache:  # q/k/v (and gate/up) share one input: compute once
+                batch_cache[key] = ((x.T @ x).double(), x.abs().sum(0).double())
+            gram, abs_sum = batch_cache[key]
+            entry = stats[name]
+            entry.gram += gram
+            entry.abs_sum += abs_sum
+            entry.n_tokens += x.shape[0]
+            if name in original_inputs:
+                cross = (original_inputs[name].T @ x).double()
+                entry.cross = cross if entry.cross is None else entry.cross + cross
+        return hook
+
+    with torch.no_grad():
+        for index, call in enumerate(calls):
+            if original is not None:
+                with forward_hooks({m: remember_original(n) for n, m in modules.items()}):
+                    next_original.append(_run_block(block, call, original[index]))
+            batch_cache.clear()
+            with forward_hooks({m: accumulate(n) for n, m in modules.items()}):
+                _run_block(block, call, compressed[index])
+            original_inputs.clear()
+    return stats, next_original
+
+
+def _empty_stats(module: nn.Module) -> ModuleStats:
+    _, in_features = linear_shape(module)
+    device = next(module.parameters()).device
+    return ModuleStats(
+        gram=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+        abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
+    )
+
+
+def run_sequential(
+    model: nn.Module,
+    targets: list[Target],
+    calibration: Calibration,
+    compress_block: Callable[[int, dict[str, ModuleStats]], None],
+    *,
+    batch_size: int = 4,
+    track_original: bool = False,
+) -> None:
+    """Gather per-target statistics block by block and call ``compress_block`` for each block.
+
+    ``compress_block(index, stats)`` must replace the block's targets in place; the block's new
+    outputs then become the next block's inputs.
+    """
+    _, blocks = decoder_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for target in targets:
+        by_block.setdefault(target.block, []).append(target)
+    calls = _capture_first_block_inputs(model, blocks[0], calibration.batches(batch_size))
+    compressed = [call.hidden for call in calls]
+    original = [call.hidden for call in calls] if track_original else None
+    last_block = max(by_block)
+    progress = tqdm(range(last_block + 1), desc="calibrating blocks", unit="block", leave=False)
+    with torch.no_grad():
+        for index in progress:
+            block = blocks[index]
+            if index in by_block:
+                modules = {t.name: model.get_submodule(t.name) for t in by_block[index]}
+                stats, next_original = _gather_block_stats(block, modules, calls, compressed, original)
+                compress_block(index, stats)
+                del stats
+            elif original is not None:
+                next_original = [_run_block(block, c, h) for c, h in zip(calls, original, strict=True)]
+            if index < last_block:  # the last compressed block's outputs feed nothing we measure
+                compressed = [_run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
+                if original is not None:
+                    original = next_original
+    logger.info("calibrated %d blocks on %d tokens", last_block + 1, calibration.n_tokens)

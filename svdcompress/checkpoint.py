@@ -1,0 +1,159 @@
+"""Checkpoints are ordinary Hugging Face folders: safetensors + config.json + tokenizer.
+
+``config.json`` carries a ``compression_config`` entry with the settings and, per replaced module,
+what ``LowRankLinear`` needs to be rebuilt (shape, rank, storage, layout). Loading builds the model
+with empty weights, swaps those modules in, and loads the tensors strictly — no pickles.
+Writes go to a temporary sibling folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from svdcompress.errors import CheckpointError
+from svdcompress.modules import LowRankLinear
+
+__all__ = ["export_dense", "is_compressed_checkpoint", "load", "save"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, *, overwrite: bool = False):
+    """Yield a temporary folder that replaces ``out_dir`` only if the block completes."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; choose another folder or pass overwrite.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
+         max_shard_size: str = "2GB") -> Path:
+    """Write a compressed (or plain) model as a Hugging Face folder with safetensors."""
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def is_compressed_checkpoint(path: str | Path) -> bool:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    return "compression_config" in json.loads(config_file.read_text())
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files; is it a complete checkpoint?")
+    return files
+
+
+def _read_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in _tensor_files(path):
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    state[key] = handle.get_tensor(key)
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file}: {err}. The file is corrupt or truncated.") from err
+    return state
+
+
+def _check_spec(name: str, spec: dict, state: dict[str, torch.Tensor]) -> None:
+    expected = {
+        "factored": {f"{name}.left": (spec["out_features"], spec["rank"]),
+                     f"{name}.right": (spec["rank"], spec["in_features"])},
+        "dense": {f"{name}.weight": (spec["out_features"], spec["in_features"])},
+    }[spec["storage"]]
+    for key, shape in expected.items():
+        if key not in state:
+            raise CheckpointError(f"compression_config lists {name} but the tensors lack {key}.")
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{key} has shape {tuple(state[key].shape)} but compression_config says {shape}: "
+                "the checkpoint's tensors and its config.json do not belong together."
+            )
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: bool = True):
+    """Rebuild a compressed model from its folder: ``(model, tokenizer or None)``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; it is not a model folder.")
+    config = AutoConfig.from_pretrained(path)
+    compression = getattr(config, "compression_config", None)
+    if not compression:
+        raise CheckpointError(f"{path}/config.json has no compression_config; load it as a plain model.")
+    state = _read_state_dict(path, device)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, spec in compression["modules"].items():
+        _check_spec(name, spec, state)
+        module = LowRankLinear(
+            spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
+            storage=spec["storage"], layout=spec["layout"], device="meta",
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    _load_strict(model, state, path)
+    model.to(device).eval()
+    tok = None
+    if tokenizer and any(path.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if result.unexpected_keys or still_empty:
+        raise CheckpointError(
+            f"{path}: tensors do not match the model: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {still_empty[:5]}."
+        )
+
+
+def export_dense(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a plain model that stock transformers loads (rank-r products as dense weights).
+
+    The low-rank modules of ``model`` are replaced by dense ones in place.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.to_dense())
+    if hasattr(model.config, "compression_config"):
+        del model.config.compression_config
+    return save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)

@@ -1,0 +1,262 @@
+"""``compress_(model, config, calibration=None)``: replace targeted linear layers in place."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdcompress import __version__
+from svdcompress.calibration import Calibration, ModuleStats, run_sequential
+from svdcompress.config import CompressionConfig
+from svdcompress.errors import CalibrationError, ConfigError
+from svdcompress.linalg import (
+    Factors,
+    break_even_rank,
+    least_squares_left,
+    relative_output_error,
+    relative_weight_error,
+)
+from svdcompress.methods import get_method
+from svdcompress.modules import LowRankLinear, dense_weight
+from svdcompress.targets import Target, find_targets
+
+__all__ = ["CompressionReport", "ModuleReport", "compress_", "resolve_ranks"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int
+    storage: str
+    params_before: int  # weight + bias
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    weight_error: float  # ‖W − W'‖ / ‖W‖
+    output_error: float | None  # ‖(W − W')X‖ / ‖WX‖ on calibration inputs, when there are any
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    modules: list[ModuleReport]
+    model_params_before: int
+    model_params_after: int
+    wall_seconds: float
+    peak_rss_mb: float  # of the whole process, so it includes the loaded model
+    calibration: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def total(self, key: str) -> int:
+        return sum(getattr(m, key) for m in self.modules)
+
+    @property
+    def target_param_ratio(self) -> float:
+        return self.total("params_after") / max(self.total("params_before"), 1)
+
+    @property
+    def model_param_ratio(self) -> float:
+        return self.model_params_after / max(self.model_params_before, 1)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "modules": len(self.modules),
+            "target_params_before": self.total("params_before"),
+            "target_params_after": self.total("params_after"),
+            "target_param_ratio": round(self.target_param_ratio, 4),
+            "target_bytes_before": self.total("bytes_before"),
+            "target_bytes_after": self.total("bytes_after"),
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_param_ratio": round(self.model_param_ratio, 4),
+            "wall_seconds": round(self.wall_seconds, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "calibration": self.calibration,
+            "config": self.config,
+            "modules": [asdict(m) for m in self.modules],
+        }
+
+
+def _pattern_rank(config: CompressionConfig, target: Target) -> int | float | None:
+    for pattern, value in config.rank_pattern.items():
+        if re.search(pattern, target.name):
+            return value
+    return None
+
+
+def _rank_for(config: CompressionConfig, target: Target) -> int:
+    m, n = target.out_features, target.in_features
+    override = _pattern_rank(config, target)
+    if isinstance(override, int):
+        rank = override
+    elif isinstance(override, float):
+        rank = max(1, round(override * min(m, n)))
+    elif config.rank is not None:
+        rank = config.rank
+    elif config.rank_ratio is not None:
+        rank = max(1, round(config.rank_ratio * min(m, n)))
+    else:
+        rank = max(1, math.floor(config.param_ratio * m * n / (m + n)))
+    if rank > min(m, n):
+        raise ConfigError(f"{target.name}: rank {rank} exceeds min(out, in) = {min(m, n)}.")
+    if config.storage == "factored" and rank > break_even_rank(m, n):
+        raise ConfigError(
+            f"{target.name} ({m}×{n}): rank {rank} stored as two factors holds {rank * (m + n):,} "
+            f"numbers, not fewer than the {m * n:,} of the dense matrix (break-even rank "
+            f"{break_even_rank(m, n)}). Lower the rank, exclude the module, or use storage='dense'."
+        )
+    return rank
+
+
+def resolve_ranks(config: CompressionConfig, targets: list[Target]) -> dict[str, int]:
+    """Each target's rank under the config; patterns in rank_pattern must match something."""
+    for pattern in config.rank_pattern:
+        if not any(re.search(pattern, t.name) for t in targets):
+            raise ConfigError(
+                f"rank_pattern {pattern!r} matches none of the {len(targets)} targeted modules "
+                f"(e.g. {targets[0].name!r})."
+            )
+    return {t.name: _rank_for(config, t) for t in targets}
+
+
+def _check_finite(model: nn.Module, targets: list[Target]) -> None:
+    for target in targets:
+        weight = dense_weight(model.get_submodule(target.name))
+        if not torch.isfinite(weight).all():
+            raise ConfigError(f"{target.name} holds NaN or inf weights; refusing to compress it.")
+
+
+def _bytes(params: int, dtype: torch.dtype) -> int:
+    return params * dtype.itemsize
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+class _Compressor:
+    """Factorizes targets one at a time, swaps them in, and writes their report lines."""
+
+    def __init__(self, model, config, ranks, method, extras):
+        self.model, self.config, self.ranks = model, config, ranks
+        self.method, self.extras = method, extras
+        self.reports: list[ModuleReport] = []
+        self.specs: dict[str, dict] = {}
+
+    def compress_module(self, name: str, stats: ModuleStats | None) -> None:
+        module = self.model.get_submodule(name)
+        weight = dense_weight(module).detach()
+        factors = self.method.factorize(weight, self.ranks[name], stats, self.extras.get(name), self.config)
+        if self.config.update and stats is not None:
+            left = least_squares_left(weight, factors.right, stats.gram, stats.cross)
+            factors = Factors(left, factors.right, (*factors.notes, "left factor: least-squares update"))
+        if not (torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
+            raise CalibrationError(f"{name}: factorization produced NaN/inf (degenerate statistics).")
+        dtype = weight.dtype
+        factors = Factors(factors.left.to(dtype), factors.right.to(dtype), factors.notes)
+        new = LowRankLinear.from_linear(module, factors, storage=self.config.storage)
+        self.reports.append(self._report(name, module, new, weight, stats, factors.notes))
+        self.specs[name] = new.spec()
+        _replace(self.model, name, new)
+
+    def _report(self, name, old, new, weight, stats, notes) -> ModuleReport:
+        approx = new.dense_weight().detach()
+        bias = 0 if old.bias is None else old.bias.numel()
+        before, after = weight.numel() + bias, new.num_stored() + bias
+        return ModuleReport(
+            name=name, shape=tuple(weight.shape), rank=new.rank, storage=new.storage,
+            params_before=before, params_after=after,
+            bytes_before=_bytes(before, weight.dtype), bytes_after=_bytes(after, weight.dtype),
+            weight_error=relative_weight_error(weight, approx),
+            output_error=None if stats is None else relative_output_error(weight, approx, stats.gram),
+            notes=list(notes),
+        )
+
+
+def _as_calibration(calibration) -> Calibration | None:
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return Calibration(calibration)
+    raise CalibrationError(
+        f"calibration must be a Calibration or an (n, seq_len) tensor of token ids, got "
+        f"{type(calibration).__name__}."
+    )
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Calibration | torch.Tensor | None = None,
+    *,
+    importance=None,
+) -> CompressionReport:
+    """Compress ``model`` in place according to ``config`` and return what was done.
+
+    ``calibration``: token windows (n, seq_len); required by data-aware methods and by
+    ``update=True``; when given to ``svd``, it is used to report output errors.
+    ``importance``: scores from ``compute_importance`` for the ``importance`` method.
+    """
+    start = time.perf_counter()
+    calibration = _as_calibration(calibration)
+    targets = find_targets(model, config.targets, config.exclude)
+    ranks = resolve_ranks(config, targets)
+    if config.uses_calibration and calibration is None:
+        raise CalibrationError(
+            f"method {config.method!r}{' with update=True' if config.update else ''} needs "
+            "calibration windows: compress_(model, config, calibration=token_windows(...))."
+        )
+    _check_finite(model, targets)
+    params_before = sum(p.numel() for p in model.parameters())
+    method = get_method(config)
+    extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
+    compressor = _Compressor(model, config, ranks, method, extras)
+    by_name = {t.name: t for t in targets}
+    if calibration is None:
+        for target in tqdm(targets, desc=f"{config.method} factorizing", leave=False):
+            compressor.compress_module(target.name, None)
+    else:
+        def compress_block(_index: int, stats: dict[str, ModuleStats]) -> None:
+            for name in stats:
+                compressor.compress_module(by_name[name].name, stats[name])
+
+        run_sequential(model, targets, calibration, compress_block,
+                       batch_size=config.calib_batch_size, track_original=config.update)
+    report = CompressionReport(
+        method=config.method, modules=compressor.reports,
+        model_params_before=params_before,
+        model_params_after=sum(p.numel() for p in model.parameters()),
+        wall_seconds=time.perf_counter() - start,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        calibration=None if calibration is None else calibration.source,
+        config=config.to_dict(),
+    )
+    model.config.compression_config = {
+        "config": config.to_dict(),
+        "modules": compressor.specs,
+        "calibration": report.calibration,
+        "importance": None if importance is None else importance.source,
+        "library_version": __version__,
+    }
+    logger.info("compressed %d modules: %s", len(targets), report.summary())
+    return report

