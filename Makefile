@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/svdcompress
+# Spinning OpenMP threads make torch several times slower on a busy shared CPU; passive waiting
+# costs next to nothing on an idle one. Override with `make OMP_WAIT_POLICY=ACTIVE ...`.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-all lint
 

@@ -60,6 +60,7 @@ class ModuleStats:
     gram: torch.Tensor  # Σ x' x'ᵀ (in, in), float64
     abs_sum: torch.Tensor  # Σ |x'| per input channel (in,), float64
     cross: torch.Tensor | None = None  # Σ x x'ᵀ with x the original model's input
+    original_gram: torch.Tensor | None = None  # Σ x xᵀ, with cross (refinement needs ‖W X‖²)
     n_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -142,15 +143,24 @@ def _gather_block_stats(
             x = _flat_input(args)  # (tokens, in)
             key = (x.data_ptr(), tuple(x.shape))
             if key not in batch_cache:  # q/k/v (and gate/up) share one input: compute once
-                batch_cache[key] = ((x.T @ x).double(), x.abs().sum(0).double())
-            gram, abs_sum = batch_cache[key]
+                # x is kept in the cache so its memory cannot be freed and reused by a later input
+                # of the same shape within this batch: a reused address would hit a stale entry.
+                batch_cache[key] = ((x.T @ x).double(), x.abs().sum(0).double(), x)
+            gram, abs_sum, _ = batch_cache[key]
             entry = stats[name]
             entry.gram += gram
             entry.abs_sum += abs_sum
             entry.n_tokens += x.shape[0]
             if name in original_inputs:
-                cross = (original_inputs[name].T @ x).double()
+                x_orig = original_inputs[name]
+                cross = (x_orig.T @ x).double()
                 entry.cross = cross if entry.cross is None else entry.cross + cross
+                # Σ x xᵀ of the original stream: the constant ‖W X‖² of the refinement objective.
+                okey = ("original", x_orig.data_ptr(), tuple(x_orig.shape))
+                if okey not in batch_cache:
+                    batch_cache[okey] = ((x_orig.T @ x_orig).double(), None, x_orig)
+                ogram = batch_cache[okey][0]
+                entry.original_gram = ogram.clone() if entry.original_gram is None else entry.original_gram + ogram
         return hook
 
     with torch.no_grad():

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from svdcompress.errors import CheckpointError
-from svdcompress.modules import LowRankLinear
+from svdcompress.linalg import SUPPORTED_QUANT_BITS
+from svdcompress.modules import LowRankLinear, tensor_layout
 
 __all__ = ["export_dense", "is_compressed_checkpoint", "load", "save"]
 
@@ -53,12 +54,17 @@ def atomic_folder(out_dir: str | Path, *, overwrite: bool = False):
 
 
 def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
-         max_shard_size: str = "2GB") -> Path:
-    """Write a compressed (or plain) model as a Hugging Face folder with safetensors."""
+         max_shard_size: str = "2GB", extra_files: dict[str, str] | None = None) -> Path:
+    """Write a compressed (or plain) model as a Hugging Face folder with safetensors.
+
+    ``extra_files`` (name -> text, e.g. a report) are written into the folder before it appears.
+    """
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 
@@ -89,19 +95,24 @@ def _read_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.
 
 
 def _check_spec(name: str, spec: dict, state: dict[str, torch.Tensor]) -> None:
-    expected = {
-        "factored": {f"{name}.left": (spec["out_features"], spec["rank"]),
-                     f"{name}.right": (spec["rank"], spec["in_features"])},
-        "dense": {f"{name}.weight": (spec["out_features"], spec["in_features"])},
-    }[spec["storage"]]
-    for key, shape in expected.items():
+    bits = spec.get("quant_bits")  # absent in checkpoints written before int8 factors existed
+    if bits is not None and bits not in SUPPORTED_QUANT_BITS:
+        raise CheckpointError(
+            f"{name}: compression_config says quant_bits={bits!r}; this version of svdcompress "
+            f"reads {list(SUPPORTED_QUANT_BITS)} (or float factors)."
+        )
+    for suffix, (shape, dtype) in tensor_layout(spec).items():
+        key = f"{name}.{suffix}"
         if key not in state:
-            raise CheckpointError(f"compression_config lists {name} but the tensors lack {key}.")
+            what = "its int8 scales" if suffix.endswith("_scale") else key
+            raise CheckpointError(f"compression_config lists {name} but the tensors lack {what} ({key}).")
         if tuple(state[key].shape) != shape:
             raise CheckpointError(
                 f"{key} has shape {tuple(state[key].shape)} but compression_config says {shape}: "
                 "the checkpoint's tensors and its config.json do not belong together."
             )
+        if dtype is not None and state[key].dtype != dtype:
+            raise CheckpointError(f"{key} is {state[key].dtype}, expected {dtype} for int{bits} storage.")
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: bool = True):
@@ -120,7 +131,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: boo
         _check_spec(name, spec, state)
         module = LowRankLinear(
             spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
-            storage=spec["storage"], layout=spec["layout"], device="meta",
+            storage=spec["storage"], layout=spec["layout"], quant_bits=spec.get("quant_bits"),
+            device="meta",
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
@@ -137,7 +149,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: boo
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    # int8 codes and scales are buffers: a missing one stays on the meta device like a parameter.
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    still_empty = [name for name, t in tensors if t.is_meta]
     if result.unexpected_keys or still_empty:
         raise CheckpointError(
             f"{path}: tensors do not match the model: unexpected {result.unexpected_keys[:5]}, "

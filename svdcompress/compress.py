@@ -27,6 +27,8 @@ from svdcompress.linalg import (
 )
 from svdcompress.methods import get_method
 from svdcompress.modules import LowRankLinear, dense_weight
+from svdcompress.quantize import quantize_module
+from svdcompress.refine import LayerObjective, RefineResult, RefineSettings, refine_factors
 from svdcompress.targets import Target, find_targets
 
 __all__ = ["CompressionReport", "ModuleReport", "compress_", "resolve_ranks"]
@@ -47,6 +49,12 @@ class ModuleReport:
     weight_error: float  # ‖W − W'‖ / ‖W‖
     output_error: float | None  # ‖(W − W')X‖ / ‖WX‖ on calibration inputs, when there are any
     notes: list[str] = field(default_factory=list)
+    quant_bits: int | None = None  # int8 factors: bytes_after counts codes + float32 row scales
+    # Refinement (refine_iters > 0): sqrt of Σ‖W x − A B x'‖² / Σ‖W x‖² before and after, with x
+    # the original model's inputs when the original stream was tracked (x' otherwise).
+    refine_error_before: float | None = None
+    refine_error_after: float | None = None
+    refine_steps: int | None = None
 
 
 @dataclass
@@ -145,6 +153,12 @@ def _check_finite(model: nn.Module, targets: list[Target]) -> None:
             raise ConfigError(f"{target.name} holds NaN or inf weights; refusing to compress it.")
 
 
+def _stored_numbers(model: nn.Module) -> int:
+    """Parameters plus int8 codes (held as buffers, so ``parameters()`` alone would miss them)."""
+    codes = sum(buffer.numel() for buffer in model.buffers() if buffer.dtype == torch.int8)
+    return sum(p.numel() for p in model.parameters()) + codes
+
+
 def _bytes(params: int, dtype: torch.dtype) -> int:
     return params * dtype.itemsize
 
@@ -170,12 +184,20 @@ class _Compressor:
         if self.config.update and stats is not None:
             left = least_squares_left(weight, factors.right, stats.gram, stats.cross)
             factors = Factors(left, factors.right, (*factors.notes, "left factor: least-squares update"))
+        refined = _refine(name, weight, factors, stats, self.config)
+        if refined is not None:
+            factors = refined.factors
         if not (torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
             raise CalibrationError(f"{name}: factorization produced NaN/inf (degenerate statistics).")
         dtype = weight.dtype
         factors = Factors(factors.left.to(dtype), factors.right.to(dtype), factors.notes)
         new = LowRankLinear.from_linear(module, factors, storage=self.config.storage)
+        if self.config.quant_bits is not None:
+            # Last step, after anything that changes the float factors: quantize what is final.
+            quantize_module(name, new, self.config.quant_bits)
         self.reports.append(self._report(name, module, new, weight, stats, factors.notes))
+        if refined is not None:
+            _record_refinement(self.reports[-1], refined)
         self.specs[name] = new.spec()
         _replace(self.model, name, new)
 
@@ -186,11 +208,30 @@ class _Compressor:
         return ModuleReport(
             name=name, shape=tuple(weight.shape), rank=new.rank, storage=new.storage,
             params_before=before, params_after=after,
-            bytes_before=_bytes(before, weight.dtype), bytes_after=_bytes(after, weight.dtype),
+            bytes_before=_bytes(before, weight.dtype),
+            bytes_after=new.weight_bytes() + _bytes(bias, weight.dtype),
             weight_error=relative_weight_error(weight, approx),
             output_error=None if stats is None else relative_output_error(weight, approx, stats.gram),
-            notes=list(notes),
+            notes=list(notes), quant_bits=new.quant_bits,
         )
+
+
+def _refine(name: str, weight, factors: Factors, stats: ModuleStats | None,
+            config: CompressionConfig) -> RefineResult | None:
+    """Gradient refinement of one module's factors on its calibration statistics, if asked."""
+    if not config.refine_iters or stats is None:
+        return None
+    objective = LayerObjective.from_stats(weight, stats.gram, stats.cross, stats.original_gram)
+    result = refine_factors(objective, factors, RefineSettings(config.refine_iters, config.refine_lr))
+    if result.diverged:
+        logger.warning("%s: %s", name, result.factors.notes[-2])
+    return result
+
+
+def _record_refinement(report: ModuleReport, result: RefineResult) -> None:
+    report.refine_error_before = result.error_before
+    report.refine_error_after = result.error_after
+    report.refine_steps = result.iters_run
 
 
 def _as_calibration(calibration) -> Calibration | None:
@@ -223,11 +264,12 @@ def compress_(
     ranks = resolve_ranks(config, targets)
     if config.uses_calibration and calibration is None:
         raise CalibrationError(
-            f"method {config.method!r}{' with update=True' if config.update else ''} needs "
+            f"method {config.method!r}{' with update=True' if config.update else ''}"
+            f"{' with refine_iters>0' if config.refine_iters else ''} needs "
             "calibration windows: compress_(model, config, calibration=token_windows(...))."
         )
     _check_finite(model, targets)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = _stored_numbers(model)
     method = get_method(config)
     extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
     compressor = _Compressor(model, config, ranks, method, extras)
@@ -245,7 +287,7 @@ def compress_(
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,
-        model_params_after=sum(p.numel() for p in model.parameters()),
+        model_params_after=_stored_numbers(model),
         wall_seconds=time.perf_counter() - start,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=None if calibration is None else calibration.source,

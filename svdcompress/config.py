@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from svdcompress.errors import ConfigError
+from svdcompress.linalg import SUPPORTED_QUANT_BITS
 
 __all__ = [
     "ASVDConfig",
@@ -76,6 +77,19 @@ class CompressionConfig:
     )
     calib_batch_size: int = field(default=4, metadata={"help": "windows per calibration batch"})
     seed: int = 0
+    refine_iters: int = field(
+        default=0,
+        metadata={"help": "Adam steps refining each module's factors on its calibration output "
+                  "loss, fitted to the original model's outputs (0: no refinement)"},
+    )
+    refine_lr: float = field(
+        default=1e-3, metadata={"help": "refinement step size, relative to each factor's RMS"}
+    )
+    quant_bits: int | None = field(
+        default=None,
+        metadata={"help": "store the factors as symmetric per-row integers of this width "
+                  "(None: float; supported: 8)"},
+    )
 
     def __post_init__(self) -> None:
         self.targets = _as_tuple(self.targets, "targets")
@@ -101,10 +115,12 @@ class CompressionConfig:
             _check_pattern_value(pattern, value)
         if self.calib_batch_size < 1:
             raise ConfigError(f"calib_batch_size={self.calib_batch_size} must be >= 1.")
+        _check_quant_bits(self.quant_bits)
+        _check_refine(self.refine_iters, self.refine_lr)
 
     @property
     def uses_calibration(self) -> bool:
-        return self.needs_calibration or self.update
+        return self.needs_calibration or self.update or self.refine_iters > 0
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -130,6 +146,26 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
     if not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{name} must be non-empty strings, got {value!r}")
     return value
+
+
+def _check_quant_bits(bits: Any) -> None:
+    if bits is None:
+        return
+    if isinstance(bits, bool) or bits not in SUPPORTED_QUANT_BITS:
+        raise ConfigError(
+            f"quant_bits={bits!r} is not supported; use None (float factors) or one of "
+            f"{list(SUPPORTED_QUANT_BITS)} (int8 per-row factors)."
+        )
+
+
+def _check_refine(iters: Any, lr: Any) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ConfigError(f"refine_iters={iters!r} must be a whole number >= 0 (0: no refinement).")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(
+            f"refine_lr={lr!r} must be a positive finite step size (relative to each factor's "
+            "RMS; 1e-3 is a sensible start)."
+        )
 
 
 def _check_pattern_value(pattern: str, value: Any) -> None:

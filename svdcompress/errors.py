@@ -8,6 +8,7 @@ with status 2 instead of showing a traceback. Messages name the problem and the 
 from __future__ import annotations
 
 __all__ = [
+    "AnalysisError",
     "CalibrationError",
     "CheckpointError",
     "ConfigError",
@@ -15,6 +16,7 @@ __all__ = [
     "FetchError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "QuantizationError",
     "SvdCompressError",
 ]
 
@@ -49,3 +51,11 @@ class CalibrationError(SvdCompressError):
 
 class CheckpointError(SvdCompressError):
     """A checkpoint folder is missing, incomplete or inconsistent with its compression_config."""
+
+
+class AnalysisError(SvdCompressError):
+    """An analysis folder belongs to another model or other settings, or cannot be read."""
+
+
+class QuantizationError(SvdCompressError, ValueError):
+    """A matrix cannot be quantized (it holds NaN or inf); the message names the module."""

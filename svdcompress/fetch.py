@@ -138,7 +138,9 @@ def _matches(filename: str, name: str, version: str, source: bool) -> bool:
 
 
 def _find_cached(folder: Path, name: str, version: str, source: bool) -> Path | None:
-    found = sorted(p for p in folder.iterdir() if p.is_file() and _matches(p.name, name, version, source))
+    found = sorted(
+        p for p in folder.iterdir() if p.is_file() and _matches(p.name, name, version, source)
+    )
     return found[0] if found else None
 
 
@@ -158,22 +160,31 @@ def _verify_archive(path: Path) -> None:
                 raise FetchError(f"{path.name} is not a gzip file")
 
 
+_PIP_FLAGS = ("--no-deps", "--no-input", "--disable-pip-version-check", "--progress-bar", "off")
+
+
+def _pip_complaint(output: str) -> str:
+    """pip's own ERROR lines (the reason), else its last lines."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return " ".join(errors or lines[-3:]) or "nothing"
+
+
 def _pip_download(spec: str, dest: Path, source: bool) -> None:
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-        "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest),
-        "--no-binary" if source else "--only-binary", ":all:", spec,
-    ]
-    logger.info("downloading %s from PyPI (%s)", spec, "source" if source else "wheel")
+    kind = "source" if source else "wheel"
+    binary_flag = "--no-binary" if source else "--only-binary"
+    cmd = [sys.executable, "-m", "pip", "download", *_PIP_FLAGS, "--dest", str(dest)]
+    cmd += [binary_flag, ":all:", spec]
+    logger.info("downloading %s from PyPI (%s)", spec, kind)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as err:
         raise FetchError(f"could not run pip to download {spec}: {err}") from err
     if result.returncode != 0:
-        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
         raise FetchError(
-            f"pip could not download {spec} ({'source' if source else 'wheel'}); this needs network "
-            f"access to PyPI. pip said: {tail or 'nothing'}"
+            f"could not download {spec} ({kind}) from PyPI: this needs network access to PyPI and "
+            f"a package of that name and version. pip said: "
+            f"{_pip_complaint(result.stderr + result.stdout)}"
         )
 
 

@@ -4,6 +4,10 @@ Nothing here knows what a model is. Conventions: a weight ``W`` is (out, in) as 
 a factorization is ``W ≈ left @ right`` with ``left`` (out, r) and ``right`` (r, in); a Gram matrix
 ``G = Xᵀ X`` is (in, in) over calibration inputs ``X`` (tokens, in). Work is done in float64 for
 stability and returned in that dtype; callers cast.
+
+Integer quantization (:func:`quantize_symmetric`) is symmetric round-to-nearest with one float32
+scale per slice: ``x ≈ q · scale`` with ``q`` in [-(2^(b-1) - 1), 2^(b-1) - 1] (−127..127 for 8 bits;
+−128 is never used so that negation is exact and the grid is symmetric around zero).
 """
 
 from __future__ import annotations
@@ -13,16 +17,20 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "SUPPORTED_QUANT_BITS",
     "Factors",
     "Whitening",
     "break_even_rank",
+    "dequantize",
     "factored_params",
     "fisher_weighted_svd",
     "least_squares_left",
+    "quantize_symmetric",
     "relative_output_error",
     "relative_weight_error",
     "scaled_svd",
     "select_by_importance",
+    "sqnr_db",
     "truncated_svd",
     "whitened_svd",
     "whitening",
@@ -172,3 +180,42 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torc
     num = torch.einsum("oi,ij,oj->", diff, gram, diff).clamp_min(0)
     den = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp_min(1e-30)
     return (num / den).sqrt().item()
+
+
+# Bit widths the storage format and the kernels handle. 4 needs packing two values per byte and
+# its own kernels; adding it means adding it here, in modules.py and in runtime.py.
+SUPPORTED_QUANT_BITS = (8,)
+
+
+def quantize_symmetric(
+    x: torch.Tensor, bits: int = 8, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization with one scale per slice, the max taken along ``dim``.
+
+    For a 2-D ``x`` and ``dim=1`` that is one scale per row: ``q`` (int8, same shape as ``x``) and
+    ``scale`` (float32, ``x.shape`` without ``dim``) with ``x ≈ q * scale.unsqueeze(dim)``. An
+    all-zero slice gets scale 1 (its codes are 0). NaN or inf input raises ``ValueError``.
+    """
+    if bits not in SUPPORTED_QUANT_BITS:
+        raise ValueError(f"bits={bits} is not supported; supported: {SUPPORTED_QUANT_BITS}")
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor holding NaN or inf")
+    qmax = 2 ** (bits - 1) - 1
+    work = x.detach().double()  # float64 so the rounding decision does not depend on x's dtype
+    amax = work.abs().amax(dim=dim, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).float()
+    q = torch.round(work / scale.double()).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale.squeeze(dim)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dim: int = -1,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_symmetric`: ``q * scale`` with the scale broadcast along ``dim``."""
+    return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(dim)).to(dtype)
+
+
+def sqnr_db(x: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10·log10(‖x‖² / ‖x − x'‖²) in dB."""
+    x = x.double()
+    noise = (x - approx.double()).pow(2).sum().clamp_min(1e-300)
+    return (10 * torch.log10(x.pow(2).sum().clamp_min(1e-300) / noise)).item()

@@ -5,6 +5,15 @@ Storage modes:
   Never materialises the dense weight in ``forward``.
 - ``dense``: ``weight`` (out, in) holding the rank-r product (SVD as denoising; saves nothing).
 
+Integer factors (``quant_bits=8``): each stored matrix ``M`` becomes int8 codes ``M_q`` and a float32
+scale per row, ``M ≈ M_q · M_scale[:, None]`` (buffers ``left_q``/``left_scale`` (out,),
+``right_q``/``right_scale`` (r,), or ``weight_q``/``weight_scale`` (out,) for dense storage).
+Per row is per output channel of each of the two matmuls the module performs: for ``left`` that is
+per output feature, for ``right`` per singular direction. Splitting √σ to both factors (linalg)
+keeps the rows of each factor on comparable scales, so one scale per row loses little; a row scale
+also commutes with the matmul, so kernels apply it to the outputs and never build the float matrix
+(see :mod:`svdcompress.runtime`, selected per module by ``kernel``).
+
 The module remembers the layout it replaced (``linear`` or ``conv1d``) so ``to_dense`` gives back
 the original type and stock transformers can load an exported checkpoint.
 """
@@ -18,12 +27,39 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from svdcompress.linalg import Factors
+from svdcompress.linalg import SUPPORTED_QUANT_BITS, Factors, dequantize, quantize_symmetric
+from svdcompress.runtime import PackCache, fbgemm_linear, fbgemm_usable, int8_linear
 
-__all__ = ["LowRankLinear"]
+__all__ = ["LowRankLinear", "tensor_layout"]
 
 Layout = Literal["linear", "conv1d"]
 Storage = Literal["factored", "dense"]
+
+
+def _stored_matrices(storage: str, in_features: int, out_features: int, rank: int) -> dict:
+    if storage == "factored":
+        return {"left": (out_features, rank), "right": (rank, in_features)}
+    if storage == "dense":
+        return {"weight": (out_features, in_features)}
+    raise ValueError(f"unknown storage {storage!r}")
+
+
+def tensor_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Tensor name (relative to the module) -> (shape, dtype) that a module with ``spec`` holds.
+
+    dtype is ``None`` where it follows the model (float matrices, bias).
+    """
+    matrices = _stored_matrices(spec["storage"], spec["in_features"], spec["out_features"], spec["rank"])
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for name, shape in matrices.items():
+        if spec.get("quant_bits") is None:
+            layout[name] = (shape, None)
+        else:
+            layout[f"{name}_q"] = (shape, torch.int8)
+            layout[f"{name}_scale"] = ((shape[0],), torch.float32)
+    if spec["bias"]:
+        layout["bias"] = ((spec["out_features"],), None)
+    return layout
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -45,23 +81,41 @@ class LowRankLinear(nn.Module):
         bias: bool = True,
         storage: Storage = "factored",
         layout: Layout = "linear",
+        quant_bits: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank {rank} outside [1, {min(in_features, out_features)}]")
+        if quant_bits is not None and quant_bits not in SUPPORTED_QUANT_BITS:
+            raise ValueError(f"quant_bits={quant_bits}; supported: {SUPPORTED_QUANT_BITS}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.storage, self.layout = storage, layout
+        self.storage, self.layout, self.quant_bits = storage, layout, quant_bits
+        self.kernel = "auto"  # runtime choice for int8 matrices, not saved (see runtime.set_runtime)
+        self._packs = PackCache()
         factory = {"device": device, "dtype": dtype}
-        if storage == "factored":
-            self.left = nn.Parameter(torch.empty(out_features, rank, **factory))
-            self.right = nn.Parameter(torch.empty(rank, in_features, **factory))
-        elif storage == "dense":
-            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        else:
-            raise ValueError(f"unknown storage {storage!r}")
+        for name, shape in _stored_matrices(storage, in_features, out_features, rank).items():
+            if quant_bits is None:
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+            else:
+                self._register_int8(name, shape, device)
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+
+    def _register_int8(self, name: str, shape: tuple[int, int], device) -> None:
+        self.register_buffer(f"{name}_q", torch.empty(shape, dtype=torch.int8, device=device))
+        self.register_buffer(f"{name}_scale", torch.empty(shape[0], dtype=torch.float32, device=device))
+
+    @property
+    def _matrix_names(self) -> tuple[str, ...]:
+        return ("left", "right") if self.storage == "factored" else ("weight",)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """A stored matrix (``left``, ``right`` or ``weight``) as floats (dequantized if int8)."""
+        if self.quant_bits is None:
+            return getattr(self, name)
+        scale = getattr(self, f"{name}_scale")  # float32, or the model's dtype after model.to(dtype)
+        return dequantize(getattr(self, f"{name}_q"), scale, dim=1, dtype=scale.dtype)
 
     @classmethod
     def from_linear(
@@ -80,24 +134,86 @@ class LowRankLinear(nn.Module):
             new.bias.data.copy_(module.bias.detach())
         return new
 
+    @classmethod
+    @torch.no_grad()
+    def full_rank_copy(cls, module: nn.Module) -> LowRankLinear:
+        """Dense storage at full rank holding ``module``'s own weight: no factorization.
+
+        The starting point of the whole-model INT8 baseline (``quantize.quantize_weights_``).
+        """
+        weight = dense_weight(module).detach()
+        out_features, in_features = weight.shape
+        new = cls(
+            in_features, out_features, min(out_features, in_features), bias=module.bias is not None,
+            storage="dense", layout="conv1d" if isinstance(module, Conv1D) else "linear",
+            device=weight.device, dtype=weight.dtype,
+        )
+        new.weight.data.copy_(weight)
+        if module.bias is not None:
+            new.bias.data.copy_(module.bias.detach())
+        return new
+
     @torch.no_grad()
     def set_factors(self, factors: Factors) -> None:
         if factors.rank != self.rank:
             raise ValueError(f"factors have rank {factors.rank}, module has rank {self.rank}")
-        if self.storage == "factored":
-            self.left.data.copy_(factors.left)
-            self.right.data.copy_(factors.right)
-        else:
-            self.weight.data.copy_(factors.product())
+        values = {"left": factors.left, "right": factors.right} if self.storage == "factored" else {
+            "weight": factors.product()}
+        for name, value in values.items():
+            if self.quant_bits is None:
+                getattr(self, name).data.copy_(value)
+            else:
+                q, scale = quantize_symmetric(value, self.quant_bits, dim=1)
+                getattr(self, f"{name}_q").copy_(q)
+                getattr(self, f"{name}_scale").copy_(scale)
+
+    @torch.no_grad()
+    def quantize_(self, bits: int = 8) -> LowRankLinear:
+        """Turn float matrices into int8 codes + per-row float32 scales, in place.
+
+        Raises ``ValueError`` if a matrix holds NaN or inf; callers add the module's name.
+        """
+        if self.quant_bits is not None:
+            raise ValueError(f"already quantized to {self.quant_bits} bits")
+        if bits not in SUPPORTED_QUANT_BITS:
+            raise ValueError(f"quant_bits={bits}; supported: {SUPPORTED_QUANT_BITS}")
+        codes = {name: quantize_symmetric(getattr(self, name), bits, dim=1) for name in self._matrix_names}
+        for name, (q, scale) in codes.items():  # codes stay on the device of the float matrix
+            delattr(self, name)
+            self.register_buffer(f"{name}_q", q)
+            self.register_buffer(f"{name}_scale", scale)
+        self.quant_bits = bits
+        return self
 
     def dense_weight(self) -> torch.Tensor:
-        """The (out, in) matrix this module applies."""
-        return self.left @ self.right if self.storage == "factored" else self.weight
+        """The (out, in) matrix this module applies (from dequantized factors if int8)."""
+        if self.storage == "factored":
+            return self.matrix("left") @ self.matrix("right")
+        return self.matrix("weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_bits is not None:
+            return self._forward_int8(x)
         if self.storage == "dense":
             return F.linear(x, self.weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., r) then (..., out)
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        # Matrices in the order they are applied: right then left, (..., in) → (..., r) → (..., out).
+        order = ("right", "left") if self.storage == "factored" else ("weight",)
+        buffers = self._buffers  # direct access: Module.__getattr__ is slow at decode call rates
+        if self.kernel in ("auto", "fbgemm") and fbgemm_usable(x):
+            flat = x.reshape(-1, x.shape[-1])  # (M, in)
+            for name in order:
+                packed = self._packs.get(name, buffers[f"{name}_q"], buffers[f"{name}_scale"])
+                flat = fbgemm_linear(flat, packed)
+            y = flat.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = x
+            for name in order:
+                y = int8_linear(y, buffers[f"{name}_q"], buffers[f"{name}_scale"], self.kernel,
+                                cache=self._packs, key=name)
+        return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
@@ -118,20 +234,29 @@ class LowRankLinear(nn.Module):
         return dense
 
     def num_stored(self) -> int:
-        """Numbers this module stores for its weight (bias excluded)."""
+        """Numbers this module stores for its weight (bias and int8 scales excluded)."""
         if self.storage == "factored":
             return self.rank * (self.in_features + self.out_features)
         return self.in_features * self.out_features
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight as held in memory and on disk: codes + scales, bias excluded."""
+        names = [f"{n}_q" for n in self._matrix_names] + [f"{n}_scale" for n in self._matrix_names]
+        if self.quant_bits is None:
+            names = list(self._matrix_names)
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def spec(self) -> dict:
         """What ``checkpoint.load`` needs to rebuild this module before loading its tensors."""
         return {
             "in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
             "bias": self.bias is not None, "storage": self.storage, "layout": self.layout,
+            "quant_bits": self.quant_bits,
         }
 
     def extra_repr(self) -> str:
+        quant = "" if self.quant_bits is None else f", int{self.quant_bits}, kernel={self.kernel}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"storage={self.storage}, bias={self.bias is not None}"
+            f"storage={self.storage}{quant}, bias={self.bias is not None}"
         )

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -92,7 +91,7 @@ _DEFAULT_HUB = "https://huggingface.co"
 
 
 def _alias_list() -> str:
-    return ", ".join(f"{name} ({entry.description})" for name, entry in ALIASES.items())
+    return ", ".join(ALIASES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +120,16 @@ def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return model, tokenizer
 
 
+def _verify_saved(folder: Path, expected: PreTrainedModel) -> None:
+    """Reload what was written and compare every tensor, before the folder is published."""
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    AutoTokenizer.from_pretrained(str(folder))
+    expected_state = expected.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        if not torch.equal(tensor, expected_state[name]):
+            raise ModelLoadError(f"converted weights differ from the source at {name}; not cached")
+
+
 def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, Any]) -> Path:
     """Dequantize ``gguf_path`` and save it at ``dest`` as an ordinary safetensors HF folder.
 
@@ -137,7 +146,7 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, Any]) -> Pat
     with atomic_directory(dest) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        AutoConfig.from_pretrained(tmp)  # verify before publishing
+        _verify_saved(tmp, dense)
         atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     return dest
 
@@ -191,6 +200,8 @@ def _gguf_folder(gguf_path: Path) -> Path:
         provenance["source_path"] = str(gguf_path.resolve())
         convert_gguf(gguf_path, dest, provenance)
     return dest
+
+
 # --------------------------------------------------------------------------------------------------
 # Resolution
 
@@ -264,7 +275,9 @@ def _hub_endpoint() -> str:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check, so an offline machine fails in a moment instead of after ~25 s of retries."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return True  # a proxy may reach what we cannot: let from_pretrained decide
     url = urllib.parse.urlparse(_hub_endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -292,10 +305,14 @@ def _from_pretrained(
     return model, tokenizer
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    folder: Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         return _from_pretrained(str(folder), dtype)
-    except Exception as err:  # from_pretrained raises many types; all mean "this folder is unusable"
+    except (
+        Exception
+    ) as err:  # from_pretrained raises many types; all mean "this folder is unusable"
         raise ModelLoadError(
             f"could not load the model in {folder}: {type(err).__name__}: {_first_line(err)}. "
             "The folder may be incomplete or corrupt; if it is in the svdcompress cache, delete it "
@@ -303,13 +320,19 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         ) from err
 
 
-def _load_compressed(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from svdcompress.checkpoint import load as load_compressed  # lazy: the engine is heavy
+def _load_compressed(
+    folder: Path, device: str | torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from svdcompress.checkpoint import (
+        load as load_compressed,
+    )  # lazy: only compressed folders need it
 
-    loaded = load_compressed(folder)
-    if isinstance(loaded, tuple):
-        return loaded[0], loaded[1]
-    return loaded, AutoTokenizer.from_pretrained(str(folder))
+    model, tokenizer = load_compressed(folder, device=device)
+    if tokenizer is None:
+        raise ModelLoadError(
+            f"compressed checkpoint {folder} has no tokenizer files; save it with its tokenizer."
+        )
+    return model, tokenizer
 
 
 def _hub_unreachable_error(hub_id: str) -> ModelNotFoundError:
@@ -355,7 +378,7 @@ def load_model(
     folder = Path(resolved)
     if folder.is_dir():
         if is_compressed_checkpoint(folder):
-            model, tokenizer = _load_compressed(folder)
+            model, tokenizer = _load_compressed(folder, device)
         else:
             model, tokenizer = _load_folder(folder, dtype)
     else:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Busy-waiting OpenMP threads make torch 3-7x slower on a shared, oversubscribed CPU (measured on
+# the 2-core CI machine); passive waiting costs next to nothing when the machine is idle. It must
+# be set before torch loads its OpenMP runtime, hence before the imports below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from transformers import (
@@ -69,3 +76,46 @@ def tiny_windows():
     """Token windows (batch 4, length 32) for tiny models; random but fixed."""
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, TINY_VOCAB, (4, 32), generator=generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer for tiny models, an isolated cache, and the real SmolLM2
+
+
+def make_char_tokenizer():
+    """A character-level tokenizer (99 ids) that fits the tiny models' 128-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture
+def char_tokenizer():
+    return make_char_tokenizer()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """An empty svdcompress cache, so a test can neither read nor spoil the real one."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SVDCOMPRESS_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M, loaded once per test session.
+
+    Shared by every test: never modify it in place (compress a ``copy.deepcopy`` instead).
+    """
+    from svdcompress.zoo import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,170 @@
+"""``svdcompress eval``: perplexity, fact recall and (optionally) fidelity and generation quality."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from svdcompress.commands import handle_errors
+
+__all__ = ["register", "render_table", "run_eval"]
+
+_NONE = ("", "none", "off")
+
+
+def run_eval(
+    model_spec: str,
+    *,
+    reference_spec: str | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Load the model (and reference) and run :func:`svdcompress.evaluate.evaluate_model`."""
+    import torch
+
+    from svdcompress import __version__
+    from svdcompress.evaluate import evaluate_model
+    from svdcompress.zoo import load_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_spec)
+    reference = load_model(reference_spec)[0] if reference_spec else None
+    result = evaluate_model(model, tokenizer, reference=reference, **settings)
+    result["run"] = {
+        "model_spec": model_spec,
+        "reference_spec": reference_spec,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "svdcompress": __version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    return result
+
+
+def _ppl_row(label: str, ppl: dict[str, Any]) -> tuple[str, str, str]:
+    detail = (
+        f"{ppl['dataset']}/{ppl['split']}: {ppl['n_windows']} windows × {ppl['seq_len']} tokens, "
+        f"{ppl['n_tokens']:,} predictions scored"
+    )
+    return label, f"{ppl['perplexity']:.3f}", detail
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = [_ppl_row("perplexity (held-out)", result["perplexity"])]
+    if "second_domain" in result:
+        rows.append(_ppl_row("perplexity (second domain)", result["second_domain"]))
+    if "facts" in result:
+        facts = result["facts"]
+        detail = f"{facts['n_correct']} / {facts['n']} BIG-bench qa_wikidata eval facts, greedy"
+        rows.append(("fact recall", f"{facts['accuracy']:.1%}", detail))
+    if "fidelity" in result:
+        fid = result["fidelity"]
+        rows.append(
+            ("KL(ref‖model)", f"{fid['kl']:.4f}", f"nats per token over {fid['n_tokens']:,} tokens")
+        )
+        rows.append(
+            (
+                "top-1 agreement",
+                f"{fid['top1_agreement']:.1%}",
+                f"logit cosine {fid['cosine']:.4f}, MSE {fid['mse']:.4g}",
+            )
+        )
+    if "generation" in result:
+        gen = result["generation"]
+        rows.append(
+            (
+                "repetition rate",
+                f"{gen['repetition_rate']:.3f}",
+                "share of repeated 4-grams in greedy continuations",
+            )
+        )
+        rows.append(
+            (
+                "distinct-1 / distinct-2",
+                f"{gen['distinct_1']:.3f} / {gen['distinct_2']:.3f}",
+                f"{len(gen['prompts'])} prompts × ≤{gen['max_new_tokens']} tokens",
+            )
+        )
+    return rows
+
+
+def render_table(result: dict[str, Any]) -> Any:
+    """A rich table of an :func:`run_eval` result."""
+    from rich.table import Table
+
+    run = result.get("run", {})
+    params = result["model"]["parameters"]
+    table = Table(
+        title=f"svdcompress eval · {run.get('model_spec', result['model']['name'])} · {params / 1e6:.1f}M parameters",
+        caption=f"{run.get('elapsed_s', '?')} s · torch {run.get('torch', '?')} · {run.get('cpu_threads', '?')} threads",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("measured on")
+    for row in _rows(result):
+        table.add_row(*row)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    from svdcompress.zoo import DEFAULT_MODEL
+
+    @app.command("eval")
+    def eval_command(
+        model: Annotated[
+            str,
+            typer.Argument(help="alias, local folder (plain or compressed), .gguf file or hub id"),
+        ] = DEFAULT_MODEL,
+        data: Annotated[
+            str,
+            typer.Option(
+                help="text source whose held-out split gives the perplexity (wiki, sotu, news)"
+            ),
+        ] = "wiki",
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 512,
+        samples: Annotated[int, typer.Option(help="windows scored")] = 64,
+        seed: Annotated[int, typer.Option(help="picks the windows")] = 0,
+        second_domain: Annotated[
+            str, typer.Option(help="a second text source; 'none' skips it")
+        ] = "sotu",
+        facts: Annotated[
+            int, typer.Option(help="qa_wikidata facts for fact recall; 0 skips it")
+        ] = 300,
+        reference: Annotated[
+            str | None, typer.Option(help="also compare logits against this model")
+        ] = None,
+        generation: Annotated[
+            bool, typer.Option(help="also score greedy generations for repetition")
+        ] = False,
+        batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 8,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="also write the full result here")
+        ] = None,
+    ) -> None:
+        """Measure MODEL: held-out perplexity, second-domain perplexity, fact recall."""
+        from rich.console import Console
+
+        from svdcompress.fetch import atomic_write_json
+
+        with handle_errors():
+            result = run_eval(
+                model,
+                reference_spec=reference,
+                data=data,
+                seq_len=seq_len,
+                n_samples=samples,
+                seed=seed,
+                second_domain=None if second_domain.lower() in _NONE else second_domain,
+                facts=facts,
+                generation=generation,
+                batch_size=batch_size,
+            )
+            Console().print(render_table(result))
+            if json_out is not None:
+                atomic_write_json(json_out, result)
+                typer.echo(f"wrote {json_out}")

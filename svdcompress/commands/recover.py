@@ -1,0 +1,179 @@
+"""``svdcompress recover``: short knowledge distillation of a compressed checkpoint (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from svdcompress.commands import handle_errors
+from svdcompress.errors import CheckpointError, ConfigError
+
+__all__ = ["register", "run_recover", "state_folder"]
+
+logger = logging.getLogger(__name__)
+
+
+def state_folder(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its periodic checkpoints until it completes."""
+    return out.with_name(f"{out.name}.recovery-state")
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _base_spec(student, base: str | None) -> str:
+    if base is not None:
+        return base
+    spec = (getattr(student.config, "compression_config", None) or {}).get("base_model")
+    if not spec:
+        raise ConfigError(
+            "the checkpoint does not record its original model (compression_config.base_model); "
+            "pass --base with the model it was compressed from."
+        )
+    return spec
+
+
+def _check_pair(student, teacher, base: str) -> None:
+    s, t = student.config, teacher.config
+    if (s.model_type, s.vocab_size, s.num_hidden_layers) != (t.model_type, t.vocab_size, t.num_hidden_layers):
+        raise ConfigError(
+            f"the base model {base!r} ({t.model_type}, vocab {t.vocab_size}, {t.num_hidden_layers} "
+            f"layers) is not the model this checkpoint was compressed from ({s.model_type}, vocab "
+            f"{s.vocab_size}, {s.num_hidden_layers} layers)."
+        )
+
+
+def _training_windows(tokenizer, student, data: str, seq_len: int, n_windows: int, seed: int):
+    from svdcompress.datasets import token_windows
+
+    return token_windows(
+        tokenizer, data, "calib", seq_len=seq_len, n_samples=n_windows, seed=seed,
+        max_positions=getattr(student.config, "max_position_embeddings", None),
+    )
+
+
+def _check_folders(checkpoint: Path, out: Path, state: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse early, before minutes of loading and training."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if resume and not state.is_dir():
+        raise CheckpointError(f"--resume: no interrupted run to resume (no {state}).")
+    if not resume and state.exists():
+        raise CheckpointError(
+            f"{state} holds an interrupted recovery run; pass --resume to continue it, or delete "
+            "the folder to start afresh."
+        )
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint} is not a folder; pass a compressed checkpoint folder.")
+
+
+def _extra_files(checkpoint: Path, result_dict: dict) -> dict[str, str]:
+    files = {"recovery_report.json": json.dumps(result_dict, indent=2)}
+    report = checkpoint / "compression_report.json"
+    if report.is_file():  # keep the compression report beside the recovered weights
+        files["compression_report.json"] = report.read_text()
+    return files
+
+
+def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data: str, seq_len: int,
+                n_windows: int | None, resume: bool, overwrite: bool, device: str) -> dict:
+    """Load, distil, save; returns the summary written to ``recovery_report.json``."""
+    from svdcompress.checkpoint import load, save
+    from svdcompress.recover import recover_
+    from svdcompress.zoo import load_model
+
+    state = state_folder(out)
+    _check_folders(checkpoint, out, state, resume, overwrite)
+    student, tokenizer = load(checkpoint, device=_device(device))
+    base = _base_spec(student, base)
+    teacher, _ = load_model(base, device=_device(device))
+    _check_pair(student, teacher, base)
+    n_windows = n_windows or settings.steps * settings.batch_size
+    windows = _training_windows(tokenizer, student, data, seq_len, n_windows, settings.seed)
+    result = recover_(student, teacher, windows, settings, tokenizer=tokenizer, state_dir=state,
+                      resume=resume)
+    summary = {
+        "base_model": base, "source_checkpoint": str(checkpoint),
+        "data": f"{data}:calib seq_len={seq_len} n={len(windows)} seed={settings.seed}",
+        "settings": settings.fingerprinted(), **result.to_dict(),
+    }
+    compression = dict(student.config.compression_config)
+    compression["recovery"] = {k: v for k, v in summary.items() if k != "losses"}
+    student.config.compression_config = compression
+    save(student, out, tokenizer=tokenizer, overwrite=overwrite,
+         extra_files=_extra_files(checkpoint, summary))
+    shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
+    return summary
+
+
+def _interrupted(out: Path) -> None:
+    state = state_folder(out) / "state.json"
+    step = json.loads(state.read_text())["step"] if state.is_file() else None
+    where = f"the checkpoint of step {step} is in {state.parent}" if step else "no checkpoint yet"
+    typer.secho(f"interrupted; {where}. Run the same command with --resume to continue.",
+                fg=typer.colors.YELLOW, err=True)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"recovered → {out}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key in ("base_model", "data", "steps_run", "resumed_from", "stopped", "first_loss",
+                "final_loss", "trainable_params", "wall_seconds"):
+        value = summary[key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    for note in summary["notes"]:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def recover(
+        checkpoint: Annotated[Path, typer.Argument(help="a compressed checkpoint folder")],
+        steps: Annotated[int, typer.Option(help="optimisation steps (each: --batch-size windows)")] = ...,
+        lr: Annotated[float, typer.Option(help="peak Adam learning rate (warm-up, cosine decay)")] = 1e-4,
+        batch_size: Annotated[int, typer.Option(help="windows per step")] = 4,
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
+        windows: Annotated[int | None, typer.Option(
+            help="distinct training windows (default steps × batch size: each seen once)")] = None,
+        data: Annotated[str, typer.Option(help="text source; its calib split is used")] = "wiki",
+        train_norms: Annotated[bool, typer.Option("--train-norms", help="also train norm weights")] = False,
+        base: Annotated[str | None, typer.Option(
+            help="the original model (default: compression_config.base_model)")] = None,
+        out: Annotated[Path | None, typer.Option(help="output folder (default CHECKPOINT-recovered)")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+        overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+        checkpoint_every: Annotated[int, typer.Option(help="steps between saved states")] = 50,
+        seed: Annotated[int, typer.Option(help="seed for window choice and order")] = 0,
+        device: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda, cuda:1, ...")] = "auto",
+    ) -> None:
+        """Distil the original model's logits into CHECKPOINT's low-rank factors."""
+        from svdcompress.recover import RecoverySettings
+
+        out = out or checkpoint.with_name(f"{checkpoint.name}-recovered")
+        with handle_errors():
+            settings = RecoverySettings(steps=steps, lr=lr, batch_size=batch_size,
+                                        train_norms=train_norms, seed=seed,
+                                        checkpoint_every=checkpoint_every)
+            try:
+                summary = run_recover(checkpoint, settings, out=out, base=base, data=data,
+                                      seq_len=seq_len, n_windows=windows, resume=resume,
+                                      overwrite=overwrite, device=device)
+            except KeyboardInterrupt:
+                _interrupted(out)
+                raise typer.Exit(130) from None
+            _print_summary(summary, out)

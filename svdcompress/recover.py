@@ -1,0 +1,385 @@
+"""Recovery fine-tuning: distil the original model's next-token distribution into a compressed one.
+
+Only the low-rank factors of :class:`~svdcompress.modules.LowRankLinear` modules are trained
+(optionally also the normalisation weights); embeddings, the head and every uncompressed layer stay
+frozen, so the result has exactly the ranks and shapes it had before and saves in the same format.
+The loss is KL(teacher ‖ student) of the temperature-1 softmax, averaged over tokens.
+
+Interruptions: every ``checkpoint_every`` steps the student, the Adam moments and the step are
+written atomically to a state folder (a loadable checkpoint in ``model/`` plus
+``optimizer.safetensors`` and ``state.json``). ``resume=True`` continues from it, after checking a
+fingerprint of the starting student, the teacher, the training windows and the settings, so a
+run is never silently continued against another model or other settings. The data order is a pure
+function of (seed, step), so a resumed run sees the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdcompress.checkpoint import atomic_folder, save
+from svdcompress.errors import CheckpointError, ConfigError
+from svdcompress.modules import LowRankLinear
+
+__all__ = [
+    "RecoveryResult",
+    "RecoverySettings",
+    "distillation_loss",
+    "learning_rate",
+    "recover_",
+    "trainable_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FOLDER = "model"
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """What a recovery run does; every field but ``checkpoint_every`` is part of its fingerprint."""
+
+    steps: int
+    lr: float = 1e-4  # peak Adam learning rate
+    batch_size: int = 4  # windows per step
+    train_norms: bool = False
+    warmup_fraction: float = 0.05  # linear warm-up, then cosine decay to 10% of lr
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps={self.steps!r}: recovery needs at least 1 training step.")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ConfigError(
+                f"lr={self.lr!r} is not a usable learning rate: give a finite value in (0, 1] "
+                "(1e-4 is a sensible start)."
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1.")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction={self.warmup_fraction} must lie in [0, 1).")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip={self.grad_clip} must be positive and finite.")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1.")
+
+    def fingerprinted(self) -> dict:
+        data = asdict(self)
+        data.pop("checkpoint_every")  # how often we save does not change the result
+        return data
+
+
+@dataclass
+class RecoveryResult:
+    steps_run: int  # steps completed, including those of an earlier run that was resumed
+    resumed_from: int  # 0 unless resumed
+    first_loss: float | None  # KL of the first step of this run (nats per token)
+    final_loss: float | None  # mean KL over the last 10 steps of this run
+    stopped: str  # "completed", "nan-loss", "nonfinite-gradient"
+    wall_seconds: float
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)  # per step of this run
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[str, nn.Parameter]:
+    """The low-rank factors (and, with ``train_norms``, normalisation weights), by name."""
+    chosen: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            if module.quant_bits is not None:
+                raise ConfigError(
+                    f"{name} holds int{module.quant_bits} factors, which cannot be trained; run "
+                    "recovery on the float checkpoint and quantize afterwards."
+                )
+            for pname in ("left", "right", "weight"):
+                if isinstance(getattr(module, pname, None), nn.Parameter):
+                    chosen[f"{name}.{pname}"] = getattr(module, pname)
+        elif train_norms and "norm" in type(module).__name__.lower():
+            # Matched by type (LayerNorm, LlamaRMSNorm, ...), not by architecture-specific names.
+            for pname, param in module.named_parameters(recurse=False):
+                chosen[f"{name}.{pname}"] = param
+    if not chosen:
+        raise ConfigError("the model has no low-rank factors to train; is it a compressed checkpoint?")
+    return chosen
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the temperature-1 softmax, mean over tokens, in float32."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.reshape(-1, vocab).float(), dim=-1)  # (tokens, vocab)
+    teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def learning_rate(settings: RecoverySettings, step: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to 10% of it at the last step."""
+    warmup = round(settings.warmup_fraction * settings.steps)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(settings.steps - warmup - 1, 1)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _batch_indices(n_windows: int, settings: RecoverySettings, step: int) -> torch.Tensor:
+    """Windows of one step: epochs of seeded permutations, a pure function of (seed, step)."""
+    per_epoch = max(n_windows // settings.batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+    order = torch.randperm(n_windows, generator=generator)
+    start = position * settings.batch_size
+    return order[start:start + settings.batch_size]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprint and state
+
+
+def _hash_tensors(hasher, tensors: dict[str, torch.Tensor]) -> None:
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def _model_digest(model: nn.Module) -> str:
+    hasher = hashlib.sha256()
+    _hash_tensors(hasher, dict(model.state_dict()))
+    return hasher.hexdigest()
+
+
+def fingerprint(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
+                settings: RecoverySettings) -> dict:
+    """What a resumed run must share with the run that wrote the state."""
+    data = hashlib.sha256()
+    _hash_tensors(data, {"windows": windows})
+    return {
+        "student": _model_digest(student),
+        "teacher": _model_digest(teacher),
+        "windows": data.hexdigest(),
+        "settings": settings.fingerprinted(),
+    }
+
+
+def _fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
+    problems = [
+        f"the {key} differs from the one the checkpoint was trained with"
+        for key in ("student", "teacher", "windows") if saved.get(key) != current[key]
+    ]
+    old, new = saved.get("settings", {}), current["settings"]
+    problems += [
+        f"{key}={new.get(key)!r} but the checkpoint used {old.get(key)!r}"
+        for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+    ]
+    return problems
+
+
+def _save_state(state_dir: Path, student, tokenizer, optimizer, params, step, meta) -> None:
+    moments = {}
+    for name, param in params.items():
+        state = optimizer.state.get(param)
+        if state:
+            moments[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+    with atomic_folder(state_dir, overwrite=True) as tmp:
+        save(student, tmp / MODEL_FOLDER, tokenizer=tokenizer)
+        save_file(moments, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
+    logger.info("recovery state at step %d written to %s", step, state_dir)
+
+
+def _load_state(state_dir: Path, current: dict, optimizer, params) -> tuple[int, dict]:
+    state_file = state_dir / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_dir} holds no {STATE_FILE}: there is nothing to resume.")
+    meta = json.loads(state_file.read_text())
+    problems = _fingerprint_mismatch(meta.get("fingerprint", {}), current)
+    if problems:
+        raise CheckpointError(
+            f"refusing to resume from {state_dir}: " + "; ".join(problems)
+            + ". Resume with the original settings, or delete the folder to start afresh."
+        )
+    weights = _read_model_tensors(state_dir / MODEL_FOLDER)
+    moments = load_file(str(state_dir / OPTIMIZER_FILE))
+    step = int(meta["step"])
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+            if f"{name}.exp_avg" in moments:
+                optimizer.state[param] = {
+                    "step": torch.tensor(float(step)),
+                    "exp_avg": moments[f"{name}.exp_avg"].to(param.device),
+                    "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(param.device),
+                }
+    return step, meta
+
+
+def _read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+class _Snapshot:
+    """The last weights that gave a finite loss, so a NaN step can be undone."""
+
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
+        self.params = params
+        self.copies = {name: p.detach().clone() for name, p in params.items()}
+        self.step = 0
+
+    @torch.no_grad()
+    def take(self, step: int) -> None:
+        for name, param in self.params.items():
+            self.copies[name].copy_(param)
+        self.step = step
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, param in self.params.items():
+            param.copy_(self.copies[name])
+
+
+def _freeze_except(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    chosen = {id(p) for p in params.values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+
+
+def _forward_loss(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        target = teacher(input_ids=batch, use_cache=False).logits  # (B, T, vocab)
+    return distillation_loss(student(input_ids=batch, use_cache=False).logits, target)
+
+
+class _Run:
+    """One recovery run's moving parts, so each step stays a short function."""
+
+    def __init__(self, student, teacher, windows, settings, params, tokenizer, state_dir, meta):
+        self.student, self.teacher, self.windows = student, teacher, windows
+        self.settings, self.params, self.tokenizer = settings, params, tokenizer
+        self.state_dir, self.meta = state_dir, meta
+        self.device = next(iter(params.values())).device
+        self.optimizer = torch.optim.Adam(list(params.values()), lr=settings.lr)
+        self.snapshot = _Snapshot(params)
+        self.losses: list[float] = []
+        self.notes: list[str] = []
+
+    def step(self, step: int) -> str | None:
+        """One optimisation step; returns a stop reason, or None to go on."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.settings, step)
+        batch = self.windows[_batch_indices(len(self.windows), self.settings, step)].to(self.device)
+        loss = _forward_loss(self.student, self.teacher, batch)
+        if not torch.isfinite(loss):
+            self.snapshot.restore()
+            self.notes.append(f"loss became {loss.item()} at step {step}; stopped and restored the "
+                              f"weights of step {self.snapshot.step}; lower the learning rate")
+            return "nan-loss"
+        self.snapshot.take(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.grad_clip)
+        if not torch.isfinite(norm):
+            self.notes.append(f"gradient norm {norm.item()} at step {step}; stopped before applying "
+                              "it (weights of that step kept); lower the learning rate")
+            return "nonfinite-gradient"
+        self.optimizer.step()
+        self.losses.append(loss.item())
+        return None
+
+    def save_state(self, step: int) -> None:
+        if self.state_dir is not None:
+            _save_state(self.state_dir, self.student, self.tokenizer, self.optimizer, self.params,
+                        step, self.meta)
+
+    def train(self, first_step: int, progress: bool) -> tuple[int, str]:
+        settings, step, stopped = self.settings, first_step, "completed"
+        bar = tqdm(total=settings.steps, initial=first_step, desc="recovery (KD)", unit="step",
+                   disable=not progress)
+        with bar:
+            while step < settings.steps:
+                reason = self.step(step)
+                if reason is not None:
+                    stopped = reason
+                    break
+                step += 1
+                bar.update(1)
+                bar.set_postfix(kl=f"{self.losses[-1]:.4f}")
+                if step % settings.checkpoint_every == 0 and step < settings.steps:
+                    self.save_state(step)
+        return step, stopped
+
+
+def recover_(
+    student: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    settings: RecoverySettings,
+    *,
+    tokenizer=None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RecoveryResult:
+    """Train ``student``'s low-rank factors in place to match ``teacher``'s logits on ``windows``.
+
+    ``windows``: (n, seq_len) token ids. ``state_dir``: where periodic checkpoints go (none when
+    None); with ``resume`` the run continues from the state found there, after its fingerprint
+    (starting student, teacher, windows, settings) is checked. The device is the student's.
+    """
+    start = time.perf_counter()
+    if windows.ndim != 2 or len(windows) < 1:
+        raise ConfigError(f"windows must be a non-empty (n, seq_len) tensor, got {tuple(windows.shape)}")
+    params = trainable_parameters(student, settings.train_norms)
+    state_dir = None if state_dir is None else Path(state_dir)
+    if resume and state_dir is None:
+        raise ConfigError("resume=True needs the state_dir of the interrupted run.")
+    if state_dir is not None and not resume and (state_dir / STATE_FILE).exists():
+        raise CheckpointError(
+            f"{state_dir} holds the state of an earlier recovery run; resume it, or delete the "
+            "folder to start afresh."
+        )
+    teacher.to(next(iter(params.values())).device).eval().requires_grad_(False)
+    student.eval()  # no dropout: the student should match the teacher's deterministic outputs
+    _freeze_except(student, params)
+    meta = {"fingerprint": fingerprint(student, teacher, windows, settings)} if state_dir else {}
+    run = _Run(student, teacher, windows, settings, params, tokenizer, state_dir, meta)
+    first_step = _load_state(state_dir, meta["fingerprint"], run.optimizer, params)[0] if resume else 0
+    if first_step:
+        logger.info("resuming recovery at step %d of %d", first_step, settings.steps)
+    with torch.enable_grad():
+        steps_run, stopped = run.train(first_step, progress)
+    _freeze_except(student, {})
+    losses = run.losses
+    return RecoveryResult(
+        steps_run=steps_run, resumed_from=first_step,
+        first_loss=losses[0] if losses else None,
+        final_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        stopped=stopped, wall_seconds=time.perf_counter() - start,
+        trainable_params=sum(p.numel() for p in params.values()), losses=losses, notes=run.notes,
+    )

@@ -1,0 +1,194 @@
+"""CPU kernels for int8-stored matrices, and choosing them for a whole model.
+
+Every kernel computes ``y = x @ (q · scale[:, None])ᵀ`` for ``x`` (..., in), int8 ``q`` (out, in)
+and a float32 per-row ``scale`` (out,), without ever building the float matrix ``q · scale``
+(the per-row scale commutes with the matmul: ``x @ (q·s)ᵀ = (x @ qᵀ) · s``):
+
+- ``dequant``: cast ``q`` to the activation dtype per call, matmul, scale the outputs. Weight-only:
+  matches the dequantized reference to float rounding. Works on any device and dtype.
+- ``int_mm``: quantize each activation row (token) to int8 on the fly, ``torch._int_mm`` (int32
+  accumulation), rescale by the two scales. Adds activation-quantization error.
+- ``fbgemm``: ``torch.ops.quantized.linear_dynamic`` on weights packed once (per-channel qint8):
+  fbgemm quantizes the whole activation tensor (one scale per call, uint8) inside one fused C++
+  call, which removes the Python-level overhead that dominates at decode. Adds
+  activation-quantization error; needs float32 CPU input and the x86/fbgemm engine.
+- ``int8pack``: ``torch._weight_int8pack_mm`` (weight-only); exact like ``dequant`` but its CPU
+  float32 path is slow — kept for comparison.
+
+``auto`` (the default) picks ``fbgemm`` where it can run and ``dequant`` elsewhere: on this
+project's CPU measurements (BENCHMARKS.md, issue 4) fbgemm was the fastest int8 path at both
+decode and prefill sizes, with model-level quality equal to the exact kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svdcompress.errors import ConfigError
+
+__all__ = [
+    "KERNELS",
+    "Kernel",
+    "PackCache",
+    "available_kernels",
+    "fbgemm_linear",
+    "fbgemm_usable",
+    "int8_linear",
+    "set_runtime",
+]
+
+logger = logging.getLogger(__name__)
+
+Kernel = Literal["auto", "dequant", "int_mm", "fbgemm", "int8pack"]
+KERNELS: tuple[str, ...] = ("auto", "dequant", "int_mm", "fbgemm", "int8pack")
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    # Without VNNI, fbgemm's u8×s8 pairs add up in int16 and can saturate; PyTorch's own dynamic
+    # quantization then reduces activations to 7 bits (reduce_range), and so do we.
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and "vnni" in cpuinfo.read_text()
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    engine = torch.backends.quantized.engine
+    return engine in ("x86", "fbgemm") and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def available_kernels() -> list[str]:
+    """Kernels that can run in this process (``auto`` always can)."""
+    return [k for k in KERNELS if k != "fbgemm" or fbgemm_available()]
+
+
+def _dequant(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (..., out)
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of activations (M, in): ``q`` int8 and ``scale`` (M, 1)."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(x / scale).to(torch.int8), scale  # |x / scale| <= 127 by construction
+
+
+def _int_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).float()  # (M, in)
+    xq, xs = _quantize_rows(flat)
+    acc = torch._int_mm(xq, q.t())  # (M, out) int32
+    y = acc.float() * xs * scale
+    return y.reshape(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+
+def _int8pack(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+    y = torch._weight_int8pack_mm(flat, q, scale.to(x.dtype))
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # PyTorch deprecates quantized-tensor constructors; they are still the only way in.
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+@functools.cache
+def _linear_dynamic() -> Any:
+    # The op packet's Python __call__ scans every argument for fake script objects (for export)
+    # before dispatching, which costs more than the matmul itself at decode sizes; its C++
+    # entry point (``_op``) skips that scan. Fall back to the packet if the attribute goes away.
+    packet = torch.ops.quantized.linear_dynamic
+    return getattr(packet, "_op", packet)
+
+
+def fbgemm_linear(flat: torch.Tensor, packed: Any) -> torch.Tensor:
+    """(M, in) float32 → (M, out) with fbgemm's dynamic int8 linear on prepacked weights."""
+    return _linear_dynamic()(flat.contiguous(), packed, not _cpu_has_vnni())
+
+
+def _fbgemm(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    y = fbgemm_linear(x.reshape(-1, x.shape[-1]), packed)  # (M, out)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fbgemm_usable(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cpu" and fbgemm_available()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    return 0 if tensor.is_inference() else tensor._version  # inference tensors keep no counter
+
+
+class PackCache:
+    """fbgemm-packed copies of int8 buffers, rebuilt when a buffer is replaced or changed in place.
+
+    An entry keeps the buffer objects it was built from: a buffer replaced by another tensor (a
+    reload, ``module.to``) fails the identity check, one changed in place fails the version check.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> Any:
+        entry = self._entries.get(key)
+        if (entry is None or entry[0] is not q or entry[1] is not scale
+                or entry[2] != _version(q) or entry[3] != _version(scale)):
+            entry = (q, scale, _version(q), _version(scale), _pack_fbgemm(q, scale))
+            self._entries[key] = entry
+        return entry[4]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: str = "auto", *,
+                cache: PackCache | None = None, key: str = "") -> torch.Tensor:
+    """``x @ (q · scale[:, None])ᵀ`` with the chosen kernel (no bias)."""
+    if kernel == "auto":
+        kernel = "fbgemm" if cache is not None and fbgemm_usable(x) else "dequant"
+    if kernel == "dequant":
+        return _dequant(x, q, scale)
+    if kernel == "int_mm":
+        return _int_mm(x, q, scale)
+    if kernel == "int8pack":
+        return _int8pack(x, q, scale)
+    if kernel == "fbgemm":
+        if cache is None or not fbgemm_usable(x):
+            raise ConfigError(
+                f"kernel 'fbgemm' needs float32 input on the CPU with the x86/fbgemm quantized "
+                f"engine (got {x.dtype} on {x.device}, engine {torch.backends.quantized.engine}); "
+                "use 'auto' or 'dequant'."
+            )
+        return _fbgemm(x, cache.get(key, q, scale))
+    raise ConfigError(f"unknown kernel {kernel!r}; known: {list(KERNELS)}")
+
+
+def set_runtime(model: nn.Module, kernel: str) -> int:
+    """Make every int8 module of ``model`` use ``kernel``; returns how many modules it set."""
+    from svdcompress.modules import LowRankLinear
+
+    if kernel not in KERNELS:
+        raise ConfigError(f"unknown kernel {kernel!r}; known: {list(KERNELS)}")
+    if kernel == "fbgemm" and not fbgemm_available():
+        raise ConfigError(
+            f"kernel 'fbgemm' is not available (quantized engine "
+            f"{torch.backends.quantized.engine!r}); available: {available_kernels()}"
+        )
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear) and module.quant_bits is not None:
+            module.kernel = kernel
+            count += 1
+    logger.info("kernel %s set on %d int8 modules", kernel, count)
+    return count

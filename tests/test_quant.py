@@ -1,0 +1,337 @@
+"""INT8 factors: the quantizer, the int8 module and its kernels, checkpoints, the INT8 baseline."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_char_tokenizer, make_tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import svdcompress as sc
+from svdcompress.errors import CheckpointError, ConfigError, QuantizationError
+from svdcompress.linalg import dequantize, quantize_symmetric, sqnr_db, truncated_svd
+from svdcompress.modules import LowRankLinear
+from svdcompress.quantize import quantize_factors_, quantize_weights_
+from svdcompress.runtime import available_kernels, set_runtime
+
+EXACT_KERNELS = ["dequant", "int8pack"]  # weight-only: equal to the dequantized reference
+ACT_KERNELS = ["int_mm", "fbgemm"]  # also quantize activations: small extra error
+
+
+def _logits(model, windows):
+    with torch.no_grad():
+        return model(windows).logits
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- the quantizer ----------------------------------------------------------------------------------
+
+def test_quantize_gaussian_sqnr_and_range():
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_symmetric(x, 8, dim=1)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (256,)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127
+    assert (q.abs().amax(dim=1) == 127).all()  # every row uses its full range
+    assert sqnr_db(x, dequantize(q, scale, dim=1)) > 30
+
+
+def test_quantize_per_column_and_zero_rows():
+    x = torch.randn(8, 5)
+    x[:, 2] = 0
+    q, scale = quantize_symmetric(x, 8, dim=0)  # one scale per column
+    assert scale.shape == (5,) and scale[2] == 1 and (q[:, 2] == 0).all()
+    torch.testing.assert_close(dequantize(q, scale, dim=0), x, atol=scale.max().item(), rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 40),
+    log_scale=st.floats(-20, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_error_bound_property(rows, cols, log_scale, seed):
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
+    q, scale = quantize_symmetric(x, 8, dim=1)
+    assert int(q.abs().max()) <= 127
+    error = (dequantize(q, scale, dim=1, dtype=torch.float64) - x.double()).abs()
+    # round-to-nearest: at most half a step per entry (plus float32 rounding of the scale)
+    assert (error <= scale.double()[:, None] * (0.5 + 1e-4) + 1e-30).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_refuses_non_finite(bad):
+    x = torch.randn(4, 4)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_symmetric(x)
+
+
+def test_quantize_rejects_unsupported_bits():
+    with pytest.raises(ValueError, match="not supported"):
+        quantize_symmetric(torch.randn(3, 3), bits=4)
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 16, 0, True, "8"])
+def test_config_rejects_unsupported_quant_bits(bits):
+    with pytest.raises(ConfigError, match=r"quant_bits=.* is not supported.*\[8\]"):
+        sc.SVDConfig(rank=4, quant_bits=bits)
+
+
+def test_config_quant_bits_round_trips():
+    config = sc.WhitenConfig(param_ratio=0.6, quant_bits=8)
+    assert sc.config.config_from_dict(config.to_dict()) == config
+
+
+# -- the int8 module and its kernels ----------------------------------------------------------------
+
+def _int8_module(storage="factored", bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    module = LowRankLinear.from_linear(linear, truncated_svd(linear.weight.detach(), 12), storage=storage)
+    reference = LowRankLinear.from_linear(linear, truncated_svd(linear.weight.detach(), 12), storage=storage)
+    return module.quantize_(8), reference
+
+
+def _dequantized_reference(module, x):
+    """What the int8 module should compute: float matmuls with the dequantized matrices."""
+    if module.storage == "dense":
+        y = x @ module.matrix("weight").T
+    else:
+        y = (x @ module.matrix("right").T) @ module.matrix("left").T
+    return y if module.bias is None else y + module.bias
+
+
+@pytest.mark.parametrize("storage", ["factored", "dense"])
+@pytest.mark.parametrize("kernel", ["auto", *EXACT_KERNELS, *ACT_KERNELS])
+def test_int8_kernels_match_dequantized_reference(storage, kernel):
+    if kernel not in available_kernels():
+        pytest.skip(f"{kernel} not available here")
+    module, float_module = _int8_module(storage)
+    module.kernel = kernel
+    for shape in [(1, 48), (3, 7, 48)]:  # decode-like and batched
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            y, expected = module(x), _dequantized_reference(module, x)
+        assert y.shape == expected.shape
+        tolerance = 1e-5 if kernel in EXACT_KERNELS else 3e-2  # activation rounding ≈ 1% per matmul
+        assert _rel(y, expected) < tolerance, kernel
+        assert _rel(y, float_module(x).detach()) < 5e-2  # and close to the float factors
+
+
+def test_int8_module_buffers_and_bytes():
+    module, _ = _int8_module("factored", bias=False)
+    state = module.state_dict()
+    assert set(state) == {"left_q", "left_scale", "right_q", "right_scale"}
+    assert state["left_q"].dtype == torch.int8 and state["left_q"].shape == (40, 12)
+    assert state["right_scale"].shape == (12,) and state["right_scale"].dtype == torch.float32
+    assert not list(module.parameters())
+    assert module.weight_bytes() == 12 * (48 + 40) + 4 * (40 + 12)
+    assert module.num_stored() == 12 * (48 + 40)
+    assert module.spec()["quant_bits"] == 8
+
+
+def test_to_dense_uses_dequantized_factors():
+    module, _ = _int8_module("factored")
+    dense = module.to_dense()
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(dense(x), _dequantized_reference(module, x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_module_does_not_materialize_dense_weight(monkeypatch):
+    module, _ = _int8_module("factored")
+    module.kernel = "dequant"
+    monkeypatch.setattr(LowRankLinear, "dense_weight", lambda self: pytest.fail("built W"))
+    module(torch.randn(2, 48))
+
+
+def test_set_runtime_sets_every_int8_module(tiny_llama, tiny_windows):
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8, quant_bits=8))
+    outputs = {}
+    for kernel in available_kernels():
+        assert set_runtime(tiny_llama, kernel) == 21  # 3 blocks × 7 linears
+        outputs[kernel] = _logits(tiny_llama, tiny_windows)
+    for kernel, logits in outputs.items():
+        assert _rel(logits, outputs["dequant"]) < 3e-2, kernel
+    with pytest.raises(ConfigError, match="unknown kernel"):
+        set_runtime(tiny_llama, "cuda-magic")
+
+
+# -- compress_ with quant_bits ----------------------------------------------------------------------
+
+def test_compress_int8_report_bytes_are_honest(tiny_llama):
+    report = sc.compress_(tiny_llama, sc.SVDConfig(param_ratio=0.6, quant_bits=8))
+    for line in report.modules:
+        module = tiny_llama.get_submodule(line.name)
+        assert module.quant_bits == 8 and line.quant_bits == 8
+        out, inp = line.shape
+        assert line.bytes_after == line.rank * (out + inp) + 4 * (out + line.rank)
+        assert line.bytes_before == 4 * out * inp
+    assert report.total("bytes_after") < 0.6 * 0.3 * report.total("bytes_before")
+    saved = tiny_llama.config.compression_config
+    assert saved["config"]["quant_bits"] == 8
+    assert all(spec["quant_bits"] == 8 for spec in saved["modules"].values())
+
+
+def test_compress_int8_quality_close_to_float(tiny_windows):
+    float_model, int8_model = make_tiny_model("llama"), make_tiny_model("llama")
+    sc.compress_(float_model, sc.SVDConfig(rank=16))
+    sc.compress_(int8_model, sc.SVDConfig(rank=16, quant_bits=8))
+    set_runtime(int8_model, "dequant")
+    assert _rel(_logits(int8_model, tiny_windows), _logits(float_model, tiny_windows)) < 2e-2
+
+
+def test_nan_factor_is_refused_naming_the_module(tiny_llama, monkeypatch):
+    from svdcompress.quantize import quantize_module
+
+    target = "model.layers.1.self_attn.k_proj"
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8, targets=("k_proj",)))
+    module = tiny_llama.get_submodule(target)
+    module.right.data[0, 0] = float("nan")
+    with pytest.raises(QuantizationError, match=r"layers\.1\.self_attn\.k_proj.*right factor"):
+        quantize_module(target, module, 8)
+    with pytest.raises(QuantizationError, match=r"layers\.1\.self_attn\.k_proj"):
+        quantize_factors_(tiny_llama)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and Conv1D layouts
+@pytest.mark.parametrize("storage", ["factored", "dense"])
+def test_int8_save_load_is_exact(arch, tiny_windows, tmp_path, storage):
+    tiny_model = make_tiny_model(arch)
+    config = sc.SVDConfig(rank=8, storage=storage, quant_bits=8)
+    sc.compress_(tiny_model, config)
+    sc.save(tiny_model, tmp_path / "ckpt")
+    loaded, _ = sc.load(tmp_path / "ckpt")
+    before, after = tiny_model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    int8_keys = [k for k, v in before.items() if v.dtype == torch.int8]
+    assert int8_keys
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(value, after[key]), key
+    for model in (tiny_model, loaded):
+        set_runtime(model, "dequant")
+    assert torch.equal(_logits(tiny_model, tiny_windows), _logits(loaded, tiny_windows))
+
+
+def _corrupt(folder, edit):
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def int8_checkpoint(tiny_llama, tmp_path):
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8, quant_bits=8))
+    return sc.save(tiny_llama, tmp_path / "ckpt")
+
+
+def test_checkpoint_missing_scale_is_refused(int8_checkpoint):
+    _corrupt(int8_checkpoint, lambda s: s.pop("model.layers.0.mlp.up_proj.left_scale"))
+    with pytest.raises(CheckpointError, match=r"lack its int8 scales.*up_proj\.left_scale"):
+        sc.load(int8_checkpoint)
+
+
+def test_checkpoint_wrong_int8_shape_is_refused(int8_checkpoint):
+    key = "model.layers.2.self_attn.q_proj.right_q"
+    _corrupt(int8_checkpoint, lambda s: s.__setitem__(key, s[key][:-1].contiguous()))
+    with pytest.raises(CheckpointError, match=r"right_q has shape \(7, 64\).*says \(8, 64\)"):
+        sc.load(int8_checkpoint)
+
+
+def test_checkpoint_wrong_int8_dtype_is_refused(int8_checkpoint):
+    key = "model.layers.0.self_attn.o_proj.left_q"
+    _corrupt(int8_checkpoint, lambda s: s.__setitem__(key, s[key].float()))
+    with pytest.raises(CheckpointError, match=r"left_q is torch.float32, expected torch.int8"):
+        sc.load(int8_checkpoint)
+
+
+def test_checkpoint_unsupported_bits_is_refused(int8_checkpoint):
+    config_file = int8_checkpoint / "config.json"
+    config = json.loads(config_file.read_text())
+    config["compression_config"]["modules"]["model.layers.0.mlp.down_proj"]["quant_bits"] = 4
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"down_proj: .*quant_bits=4"):
+        sc.load(int8_checkpoint)
+
+
+def test_quantize_factors_of_float_checkpoint_round_trips(tiny_llama, tiny_windows, tmp_path):
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8))
+    assert quantize_factors_(tiny_llama) == 21
+    assert tiny_llama.config.compression_config["config"]["quant_bits"] == 8
+    loaded, _ = sc.load(sc.save(tiny_llama, tmp_path / "ckpt"))
+    assert all(m.quant_bits == 8 for m in loaded.modules() if isinstance(m, LowRankLinear))
+
+
+# -- the whole-model INT8 baseline -------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_int8_baseline_quality_bytes_and_reload(arch, tiny_windows, tmp_path):
+    tiny_model = make_tiny_model(arch)
+    reference = _logits(tiny_model, tiny_windows)
+    summary = quantize_weights_(tiny_model)
+    assert summary["target_bytes_after"] < 0.27 * summary["target_bytes_before"]
+    modules = [m for m in tiny_model.modules() if isinstance(m, LowRankLinear)]
+    assert len(modules) == summary["modules"] and all(m.storage == "dense" for m in modules)
+    set_runtime(tiny_model, "dequant")
+    logits = _logits(tiny_model, tiny_windows)
+    assert _rel(logits, reference) < 2e-2
+    loaded, _ = sc.load(sc.save(tiny_model, tmp_path / "ckpt"))
+    set_runtime(loaded, "dequant")
+    assert torch.equal(_logits(loaded, tiny_windows), logits)
+
+
+def test_int8_baseline_refuses_a_compressed_model(tiny_llama):
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8))
+    with pytest.raises(ConfigError, match="compressed"):
+        quantize_weights_(tiny_llama)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from svdcompress.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_quantize_baseline_then_factors(tiny_folder, tmp_path):
+    result = _cli(["quantize", str(tiny_folder), "--out", str(tmp_path / "rtn")])
+    assert result.exit_code == 0, result.output
+    assert "int8 baseline of 21 linear layers" in result.output
+    loaded, _ = sc.load(tmp_path / "rtn")
+    assert loaded.config.compression_config["config"]["method"] == "int8-rtn"
+
+    float_model = make_tiny_model("llama")
+    sc.compress_(float_model, sc.SVDConfig(rank=8))
+    sc.save(float_model, tmp_path / "float", tokenizer=make_char_tokenizer())
+    result = _cli(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "int8")])
+    assert result.exit_code == 0 and "int8 factors in 21 low-rank modules" in result.output
+
+
+def test_cli_unsupported_bits_is_one_clean_line(tiny_folder, tmp_path):
+    for args in (["quantize", str(tiny_folder), "--out", str(tmp_path / "q"), "--bits", "4"],
+                 ["compress", str(tiny_folder), "--out", str(tmp_path / "c"), "--method", "svd",
+                  "--rank", "4", "--quant-bits", "4"]):
+        result = _cli(args)
+        assert result.exit_code == 2, result.output
+        assert "quant_bits=4 is not supported" in result.output and "Traceback" not in result.output

