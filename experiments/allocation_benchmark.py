@@ -7,7 +7,9 @@ For each parameter ratio of all decoder linear layers: held-out Wikipedia perple
 - ``allocated``: per-module ranks from :func:`svdcompress.allocation.allocate_config` (measured KL);
 - ``allocated+update``: the same ranks with the closed-form left-factor update;
 - ``proxy`` (ablation, optional): ranks allocated by the whitened tail energy alone, every module
-  weighted alike — the "cheap proxy" that the issue warns about.
+  weighted alike — the "cheap proxy" that the issue warns about;
+- ``uniform+update`` (ablation, optional): uniform ranks with the update, to tell the update's own
+  effect from its interaction with allocated ranks.
 
 Every run's numbers are cached in ``OUT/results.json`` as soon as they exist, so an interrupted run
 resumes. Writes ``OUT/table.md`` and ``OUT/perplexity_vs_params.png``.
@@ -39,6 +41,7 @@ from svdcompress.fetch import atomic_write_json
 logger = logging.getLogger("allocation_benchmark")
 
 VARIANTS = ("uniform", "allocated", "allocated+update")
+ABLATIONS = ("proxy", "uniform+update")  # at 0.8 only
 
 
 def _args() -> argparse.Namespace:
@@ -52,7 +55,8 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--facts", type=int, default=300)
     parser.add_argument("--probe-samples", type=int, default=2)
     parser.add_argument("--probe-len", type=int, default=256)
-    parser.add_argument("--ablations", action="store_true", help="also the proxy-only allocation")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also proxy-only allocation and uniform+update, at 0.8")
     parser.add_argument("--analysis-only", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args()
@@ -96,8 +100,8 @@ def _proxy_analysis(analysis: Analysis) -> Analysis:
 
 def _config(variant: str, ratio: float, model, calibration, analysis_dir: Path, analysis, args):
     base = WhitenConfig(param_ratio=ratio)
-    if variant == "uniform":
-        return base
+    if variant.startswith("uniform"):
+        return base.replace(update=variant.endswith("+update"))
     if variant == "proxy":
         return allocate(_proxy_analysis(analysis), param_ratio=ratio).to_config(base)
     config = allocate_config(model, base, calibration, analysis_dir=analysis_dir,
@@ -155,11 +159,11 @@ def main() -> None:
     if "dense" not in results:
         results.add("dense", {"variant": "dense", "param_ratio": 1.0, "target_param_ratio": 1.0,
                               **_evaluate(model, tokenizer, data)})
-    variants = (*VARIANTS, "proxy") if args.ablations else VARIANTS
+    variants = (*VARIANTS, *ABLATIONS) if args.ablations else VARIANTS
     for ratio in args.ratios:
         for variant in variants:
             name = f"{variant}@{ratio}"
-            if variant == "proxy" and ratio != 0.8:
+            if variant in ABLATIONS and ratio != 0.8:
                 continue
             if name not in results:
                 _run(name, variant, ratio, model, tokenizer, calibration, data, analysis, args, results)

@@ -5,12 +5,12 @@ Quality (held-out Wikipedia perplexity on ``--eval-samples`` × ``--seq-len`` wi
 every model in fresh processes, alternating, against the dense original in the same run).
 
 Inputs are checkpoint folders made beforehand with the CLI (see BENCHMARKS.md for the commands):
-``OUT/whiten-p08``, ``OUT/whiten-p06`` (``svdcompress compress``), their int8 twins
-``OUT/whiten-p08-int8``, ``OUT/whiten-p06-int8`` and the baseline ``OUT/int8-rtn``
-(``svdcompress quantize``). Every number is cached in ``OUT/int8_benchmarks.json`` as soon as it
-exists, so an interrupted run resumes; ``OUT/int8_benchmarks.md`` gets the table.
+``RUNS/whiten-p08``, ``RUNS/whiten-p06`` (``svdcompress compress``), their int8 twins
+``RUNS/whiten-p08-int8``, ``RUNS/whiten-p06-int8`` and the baseline ``RUNS/int8-rtn``
+(``svdcompress quantize``). Every number is cached in ``--out``/int8_benchmarks.json as soon as
+it exists, so an interrupted run resumes; ``--out``/int8_benchmarks.md gets the table.
 
-    python experiments/int8_benchmarks.py --runs-dir runs/issue4 --threads 1
+    python experiments/int8_benchmarks.py --runs-dir runs/issue4 --out experiments/results/int8 --threads 1
 """
 
 from __future__ import annotations
@@ -34,31 +34,35 @@ from svdcompress.runtime import set_runtime
 
 logger = logging.getLogger("int8_benchmarks")
 
-# label -> (folder name under --runs-dir, or None for the original; kernel for int8 modules)
+# label -> (folder under --runs-dir, or None for the original; int8 kernel). Int8 checkpoints are
+# evaluated with every kernel, because kernels that quantize activations change the numbers.
 VARIANTS: dict[str, tuple[str | None, str]] = {
     "dense fp32": (None, "auto"),
-    "INT8 RTN, no SVD": ("int8-rtn", "auto"),
+    "INT8 RTN, no SVD [dequant]": ("int8-rtn", "dequant"),
     "whiten 0.8, float factors": ("whiten-p08", "auto"),
-    "whiten 0.8, INT8 factors": ("whiten-p08-int8", "auto"),
+    "whiten 0.8, INT8 factors [dequant]": ("whiten-p08-int8", "dequant"),
     "whiten 0.6, float factors": ("whiten-p06", "auto"),
-    "whiten 0.6, INT8 factors": ("whiten-p06-int8", "auto"),
-    # the same int8 checkpoints with the exact weight-only kernel: does fbgemm cost quality?
-    "INT8 RTN, no SVD [dequant kernel]": ("int8-rtn", "dequant"),
-    "whiten 0.6, INT8 factors [dequant kernel]": ("whiten-p06-int8", "dequant"),
+    "whiten 0.6, INT8 factors [dequant]": ("whiten-p06-int8", "dequant"),
+    "INT8 RTN, no SVD [int_mm]": ("int8-rtn", "int_mm"),
+    "INT8 RTN, no SVD [fbgemm]": ("int8-rtn", "fbgemm"),
+    "whiten 0.6, INT8 factors [int_mm]": ("whiten-p06-int8", "int_mm"),
+    "whiten 0.6, INT8 factors [fbgemm]": ("whiten-p06-int8", "fbgemm"),
 }
+MAIN_KERNEL = "dequant"  # rows whose speed the main table shows (see runtime.py for why)
 
 
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/issue4"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/issue4"), help="checkpoints")
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/int8"), help="results")
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--facts", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--stages", nargs="+", default=["quality", "speed", "kernels"])
+    parser.add_argument("--stages", nargs="+", default=["quality", "speed", "kernels", "prompt"])
     parser.add_argument("--only", nargs="+", default=None, help="quality: these variant labels only")
     return parser.parse_args()
 
@@ -80,9 +84,10 @@ def _quality(args, label: str, results: dict, out: Path) -> None:
                              "weight_bytes": weight_bytes(model)}
     with torch.inference_mode():
         entry["perplexity"] = perplexity(model, windows, progress=False).to_dict()
-        if "dequant kernel" not in label:  # recall would repeat the auto-kernel row's greedy text
-            recall = fact_recall(model, tokenizer, load_facts(args.facts), progress=False)
-            entry["fact_recall"] = {"accuracy": recall.accuracy, "n": recall.n}
+        # Every row, kernels included: short fact prompts expose activation rounding that
+        # 512-token perplexity windows hide (the first token's attention-sink values).
+        recall = fact_recall(model, tokenizer, load_facts(args.facts), progress=False)
+        entry["fact_recall"] = {"accuracy": recall.accuracy, "n": recall.n}
     entry["seconds"] = time.perf_counter() - start
     results["quality"][label] = entry
     atomic_write_json(out, results)
@@ -94,9 +99,9 @@ def _quality(args, label: str, results: dict, out: Path) -> None:
 def _speed(args, results: dict, out: Path) -> None:
     if results.get("speed"):
         return
-    specs = [_spec(args, folder) for label, (folder, kernel) in VARIANTS.items()
-             if folder is not None and kernel == "auto"]
-    settings = BenchSettings(threads=args.threads, rounds=args.rounds, runs=args.runs)
+    specs = list(dict.fromkeys(_spec(args, folder) for folder, _ in VARIANTS.values() if folder))
+    settings = BenchSettings(threads=args.threads, rounds=args.rounds, runs=args.runs,
+                             kernel=MAIN_KERNEL)
     results["speed"] = run_bench(specs, args.model, settings)
     atomic_write_json(out, results)
 
@@ -111,6 +116,27 @@ def _kernels(args, results: dict, out: Path) -> None:
                                  kernel=kernel)
         results["kernels"][kernel] = run_bench([_spec(args, "whiten-p06-int8")], args.model, settings)
         atomic_write_json(out, results)
+
+
+def _prompt(args, results: dict, out: Path) -> None:
+    """Per-position logits of the INT8 baseline vs dense on one short prompt, for each kernel."""
+    if results.get("prompt"):
+        return
+    dense, tokenizer = load_model(args.model)
+    model, _ = load_model(_spec(args, "int8-rtn"))
+    text = "The capital of France is"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    entry: dict[str, Any] = {"prompt": text, "model": _spec(args, "int8-rtn"), "kernels": {}}
+    with torch.inference_mode():
+        reference = dense(ids).logits[0]  # (T, V)
+        for kernel in ("dequant", "int_mm", "fbgemm"):
+            set_runtime(model, kernel)
+            logits = model(ids).logits[0]
+            error = (logits - reference).norm(dim=-1) / reference.norm(dim=-1)  # (T,)
+            same = (logits.argmax(-1) == reference.argmax(-1)).tolist()
+            entry["kernels"][kernel] = {"relative_error": error.tolist(), "same_argmax": same}
+    results["prompt"] = entry
+    atomic_write_json(out, results)
 
 
 def _speed_row(results: dict, spec: str) -> dict | None:
@@ -141,7 +167,8 @@ def table(results: dict) -> str:
         layers = entry["weight_bytes"]
         share = (f"{layers['compressed_layers'] / layers['compressed_layers_dense_fp32']:.1%}"
                  if layers["n_compressed_layers"] else "100%")
-        row = None if "kernel]" in label else _speed_row(results, entry["spec"])
+        main = "[" not in label or f"[{MAIN_KERNEL}]" in label
+        row = _speed_row(results, entry["spec"]) if main else None
         rss = f"{row['peak_rss_mb']['median']:.0f}" if row else "–"
         lines.append(
             f"| {label} | {ppl:.2f} ({ppl / dense_ppl:.3f}) | "
@@ -155,7 +182,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _args()
     torch.set_num_threads(args.threads)
-    out = args.runs_dir / "int8_benchmarks.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "int8_benchmarks.json"
     results = json.loads(out.read_text()) if out.is_file() else {"quality": {}}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
     if "quality" in args.stages:
@@ -165,8 +193,10 @@ def main() -> None:
         _speed(args, results, out)
     if "kernels" in args.stages:
         _kernels(args, results, out)
+    if "prompt" in args.stages:
+        _prompt(args, results, out)
     markdown = table(results)
-    (args.runs_dir / "int8_benchmarks.md").write_text(markdown + "\n")
+    (args.out / "int8_benchmarks.md").write_text(markdown + "\n")
     print(markdown)
 
 

@@ -8,6 +8,8 @@ cosine, MSE, KL and top-1 agreement, held-out Wikipedia perplexity, greedy repet
 hidden-state cosine falls below ``--cosine-threshold``, the block with the largest drop is
 excluded and the policy is run again — the seeds' "one exclusion found by diagnostics".
 
+The same policy with float factors is run too, to separate the rank's damage from INT8's.
+
 Writes ``OUT/seeds_k_only.json``, ``OUT/seeds_k_only.md`` and ``OUT/seeds_k_only_drift.png``.
 
     python experiments/seeds_k_only.py --out runs/issue4/seeds --threads 1
@@ -29,6 +31,7 @@ from svdcompress.analysis import diagnose_policy
 from svdcompress.bench import BenchSettings, run_bench
 from svdcompress.calibration import Calibration
 from svdcompress.datasets import token_windows
+from svdcompress.targets import block_linears
 
 logger = logging.getLogger("seeds_k_only")
 
@@ -45,20 +48,21 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--cosine-threshold", type=float, default=0.95)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     return parser.parse_args()
 
 
-def policy(args, n_layers: int, exclude: tuple[str, ...] = ()):
+def policy(args, n_layers: int, exclude: tuple[str, ...] = (), quant_bits: int | None = 8):
     edges = sorted({0, 1, n_layers - 2, n_layers - 1})
     pattern = {rf"layers\.({'|'.join(map(str, edges))})\.": args.edge_rank}
     config_type = SVDConfig if args.method == "svd" else WhitenConfig
     return config_type(targets=("k_proj",), rank=args.rank, rank_pattern=pattern, exclude=exclude,
-                       quant_bits=8)
+                       quant_bits=quant_bits)
 
 
-def run_policy(args, original, tokenizer, windows, name: str, exclude=()) -> dict[str, Any]:
+def run_policy(args, original, tokenizer, windows, name: str, exclude=(), quant_bits=8) -> dict:
     model = copy.deepcopy(original)
-    config = policy(args, original.config.num_hidden_layers, exclude)
+    config = policy(args, original.config.num_hidden_layers, exclude, quant_bits)
     calibration = None
     if config.needs_calibration:
         calibration = Calibration(token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,
@@ -118,13 +122,17 @@ def main() -> None:
     original, tokenizer = load_model(args.model)
     windows = token_windows(tokenizer, "wiki", "eval", seq_len=args.seq_len,
                             n_samples=args.eval_samples, seed=0)
-    runs = [run_policy(args, original, tokenizer, windows, "k-only-int8")]
+    runs = [run_policy(args, original, tokenizer, windows, "k-only-int8"),
+            # the same policy with float factors: is the damage the rank's or INT8's?
+            run_policy(args, original, tokenizer, windows, "k-only-float", quant_bits=None)]
     first = runs[0]["diagnostics"]
     if first["first_bad_layer"] is not None:
-        excluded = rf"layers\.{first['largest_drop_layer']}\.self_attn\.k_proj"
+        block = first["largest_drop_layer"]
+        excluded = next(t.name for t in block_linears(original)
+                        if t.block == block and t.role == "k_proj")
         runs.append(run_policy(args, original, tokenizer, windows, "k-only-int8-excl", (excluded,)))
     del original
-    settings = BenchSettings(threads=args.threads, rounds=1, runs=args.runs)
+    settings = BenchSettings(threads=args.threads, rounds=args.rounds, runs=args.runs)
     speed = run_bench([r["checkpoint"] for r in runs], args.model, settings)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "speed": speed}
     (args.out / "seeds_k_only.json").write_text(json.dumps(result, indent=1))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from svdcompress.calibration import Calibration  # noqa: E402
-from svdcompress.checkpoint import export_dense, load, save  # noqa: E402
-from svdcompress.compress import CompressionReport, compress_  # noqa: E402
-from svdcompress.config import (  # noqa: E402
+from svdcompress.calibration import Calibration
+from svdcompress.checkpoint import export_dense, load, save
+from svdcompress.compress import CompressionReport, compress_
+from svdcompress.config import (
     ASVDConfig,
     CompressionConfig,
     FisherConfig,
@@ -16,9 +16,11 @@ from svdcompress.config import (  # noqa: E402
     WhitenConfig,
     preset,
 )
-from svdcompress.methods.importance import compute_importance  # noqa: E402
-from svdcompress.modules import LowRankLinear  # noqa: E402
-from svdcompress.zoo import load_model  # noqa: E402
+from svdcompress.methods.importance import compute_importance
+from svdcompress.modules import LowRankLinear
+from svdcompress.quantize import quantize_factors_, quantize_weights_
+from svdcompress.runtime import set_runtime
+from svdcompress.zoo import load_model
 
 __all__ = [
     "ASVDConfig",
@@ -37,5 +39,8 @@ __all__ = [
     "load",
     "load_model",
     "preset",
+    "quantize_factors_",
+    "quantize_weights_",
     "save",
+    "set_runtime",
 ]

@@ -294,10 +294,9 @@ def allocate_config(
         min_rank=min_rank, rank_step=rank_step, allow_dense=allow_dense,
     )
     config = allocation.to_config(base_config)
-    if analysis_dir is not None:
+    if analysis_dir is not None:  # the same recipe `analyze` writes: `compress --recipe` reads it
         tag = f"p{base_config.param_ratio:.2f}" if byte_budget is None else f"b{byte_budget}"
-        atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json",
-                          {"allocation": allocation.to_dict(), "config": config.to_dict()})
+        atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json", config.to_dict())
     logger.info("allocated %d modules (%d left dense): %.4f of %s, predicted KL %.4g",
                 len(allocation.ranks), len(allocation.dense), allocation.ratio, allocation.unit,
                 allocation.predicted_kl)

@@ -280,12 +280,17 @@ class Analysis:
         return sorted(rows, key=lambda r: -r["kl"])
 
     def role_summary(self, fraction: float = 0.5) -> dict[str, dict[str, float]]:
-        """Median and max KL per role (q_proj, v_proj, ...) at the same parameter fraction."""
-        by_role: dict[str, list[float]] = {}
+        """Per role (q_proj, v_proj, ...) at the same parameter fraction: median and max KL, and
+        median KL per million parameters saved (small matrices save little, so this is the fair
+        comparison across roles)."""
+        by_role: dict[str, list[dict]] = {}
         for row in self.sensitivity(fraction):
-            by_role.setdefault(row["role"] or "other", []).append(row["kl"])
-        return {role: {"median_kl": float(np.median(v)), "max_kl": float(np.max(v)), "n": len(v)}
-                for role, v in by_role.items()}
+            by_role.setdefault(row["role"] or "other", []).append(row)
+        return {role: {"median_kl": float(np.median([r["kl"] for r in rows])),
+                       "max_kl": float(np.max([r["kl"] for r in rows])),
+                       "median_kl_per_mparam": float(np.median([r["kl_per_mparam_saved"] for r in rows])),
+                       "n": len(rows)}
+                for role, rows in by_role.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,

@@ -17,6 +17,9 @@ How a measurement is made, so the numbers can be trusted:
 - Load time is loading the weights (no tokenizer). Bytes of weights count each stored tensor once
   (tied embeddings once). Packed copies a kernel makes at run time are not "bytes of weights" but
   they are in the RSS.
+- Peak RSS is the worker's own high-water mark (``VmHWM``) after every run: compare that one.
+  RSS right after loading understates a model, because safetensors files are memory-mapped and
+  their pages come in on first use; ``rss_before_load_mb`` is Python + torch + transformers alone.
 """
 
 from __future__ import annotations
@@ -160,6 +163,21 @@ def _decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     return ids.shape[0] * steps / (clock.stamps[-1] - clock.stamps[0])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size.
+
+    Linux keeps ``ru_maxrss`` across ``exec``, so a worker started by a big parent would report
+    the parent's peak; ``VmHWM`` belongs to the process's own address space, which ``exec`` renews.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
+
+
 def _token_ids(model: nn.Module, batch: int, length: int, seed: int) -> torch.Tensor:
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -194,7 +212,7 @@ def measure_model(spec: str, settings: BenchSettings) -> dict[str, Any]:
             result[f"decode_b{batch}_tokens_per_s"] = rates
     result.update({
         "rss_before_load_mb": rss_start / 2**20, "rss_after_load_mb": rss_loaded / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": _peak_rss_mb(),
         "threads": torch.get_num_threads(),
     })
     return result
@@ -268,7 +286,9 @@ def _ratios(model: dict[str, Any], reference: dict[str, Any], settings: BenchSet
 def _host() -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "loadavg": list(os.getloadavg())}
+            "loadavg": list(os.getloadavg()),
+            # workers inherit the environment; busy-waiting OpenMP threads matter on a shared CPU
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def run_bench(models: list[str], against: str | None = None,

@@ -72,7 +72,10 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
-    return "compression_config" in json.loads(config_file.read_text())
+    try:
+        return "compression_config" in json.loads(config_file.read_text())
+    except (OSError, ValueError):  # unreadable: let the loader report what is wrong with it
+        return False
 
 
 def _tensor_files(path: Path) -> list[Path]:

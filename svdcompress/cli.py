@@ -30,12 +30,14 @@ app = typer.Typer(
 
 
 def configure_logging(verbose: bool) -> None:
+    """Our own INFO lines (downloads, conversions, loads) always show: a first run fetches
+    hundreds of MB and should say so. ``--verbose`` adds every library's INFO and progress bars."""
+    # No force=True: when a host (pytest, a notebook) already set up logging, keep its handlers.
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("svdcompress").setLevel(logging.INFO)
     if not verbose:
         # transformers draws a bar for every weight load; ours are the ones worth watching.
         from transformers.utils import logging as hf_logging
@@ -46,7 +48,7 @@ def configure_logging(verbose: bool) -> None:
 @app.callback()
 def _root(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="log what is fetched, cached and loaded")
+        bool, typer.Option("--verbose", "-v", help="also log every library's details")
     ] = False,
     threads: Annotated[
         int | None,

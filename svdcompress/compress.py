@@ -51,7 +51,7 @@ class ModuleReport:
     notes: list[str] = field(default_factory=list)
     quant_bits: int | None = None  # int8 factors: bytes_after counts codes + float32 row scales
     # Refinement (refine_iters > 0): sqrt of Σ‖W x − A B x'‖² / Σ‖W x‖² before and after, with x
-    # the original model's inputs when the original stream was tracked (x' otherwise).
+    # the original model's inputs when update=True tracked them (x = x' otherwise).
     refine_error_before: float | None = None
     refine_error_after: float | None = None
     refine_steps: int | None = None

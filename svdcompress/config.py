@@ -80,10 +80,10 @@ class CompressionConfig:
     refine_iters: int = field(
         default=0,
         metadata={"help": "Adam steps refining each module's factors on its calibration output "
-                  "loss, fitted to the original model's outputs (0: no refinement)"},
+                  "loss (towards the original model's outputs when update=True) (0: none)"},
     )
     refine_lr: float = field(
-        default=1e-3, metadata={"help": "refinement step size, relative to each factor's RMS"}
+        default=0.03, metadata={"help": "refinement step size, relative to each factor's RMS"}
     )
     quant_bits: int | None = field(
         default=None,
@@ -164,7 +164,7 @@ def _check_refine(iters: Any, lr: Any) -> None:
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr > 0):
         raise ConfigError(
             f"refine_lr={lr!r} must be a positive finite step size (relative to each factor's "
-            "RMS; 1e-3 is a sensible start)."
+            "RMS; 0.03 is a sensible start)."
         )
 
 
@@ -253,7 +253,8 @@ def method_names() -> list[str]:
 
 
 def load_recipe(path: str | Path) -> CompressionConfig:
-    """A YAML or JSON file holding one config dict (with its ``method``)."""
+    """A YAML or JSON file holding one config dict (with its ``method``), or an allocation file
+    that holds it under ``config`` beside the allocation's details."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist.")
@@ -264,6 +265,8 @@ def load_recipe(path: str | Path) -> CompressionConfig:
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # an allocation file: {"config": ..., "allocation": its details}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must hold a mapping of settings, got {type(data).__name__}")
     return config_from_dict(data)

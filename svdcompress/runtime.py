@@ -9,15 +9,18 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
 - ``int_mm``: quantize each activation row (token) to int8 on the fly, ``torch._int_mm`` (int32
   accumulation), rescale by the two scales. Adds activation-quantization error.
 - ``fbgemm``: ``torch.ops.quantized.linear_dynamic`` on weights packed once (per-channel qint8):
-  fbgemm quantizes the whole activation tensor (one scale per call, uint8) inside one fused C++
-  call, which removes the Python-level overhead that dominates at decode. Adds
-  activation-quantization error; needs float32 CPU input and the x86/fbgemm engine.
+  fbgemm quantizes the whole activation tensor (one uint8 scale per call, shared by every token
+  of the batch) inside one fused C++ call. The fastest path, but a token with outlier
+  activations coarsens every other token's grid: on SmolLM2 it multiplied perplexity by 1.8
+  (BENCHMARKS.md, issue 4). Needs float32 CPU input and the x86/fbgemm engine.
 - ``int8pack``: ``torch._weight_int8pack_mm`` (weight-only); exact like ``dequant`` but its CPU
   float32 path is slow — kept for comparison.
 
-``auto`` (the default) picks ``fbgemm`` where it can run and ``dequant`` elsewhere: on this
-project's CPU measurements (BENCHMARKS.md, issue 4) fbgemm was the fastest int8 path at both
-decode and prefill sizes, with model-level quality equal to the exact kernels.
+``auto`` (the default) is ``dequant``: the fastest kernel whose output equals the dequantized
+model's. On SmolLM2-135M at param_ratio 0.6 it still decodes faster than the dense model, since
+it reads a quarter of the bytes per matrix; ``int_mm`` is faster again at a small measured cost in
+perplexity (+3 % on the INT8 baseline), ``fbgemm`` faster still at a large one. Choose with
+:func:`set_runtime` or ``svdcompress bench --kernel``.
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ def _int_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 def _int8pack(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        # Seen crashing the process (not raising) with bfloat16 input at 512 rows on torch 2.13.
+        raise ConfigError(f"kernel 'int8pack' is kept for float32 CPU input only (got {x.dtype} "
+                          f"on {x.device}); use 'dequant'.")
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
     y = torch._weight_int8pack_mm(flat, q, scale.to(x.dtype))
     return y.reshape(*x.shape[:-1], q.shape[0])
@@ -151,12 +158,19 @@ class PackCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    # Packed weights are torchbind objects: a copied or pickled module repacks on first use.
+    def __deepcopy__(self, memo: dict) -> PackCache:
+        return PackCache()
+
+    def __getstate__(self) -> dict:
+        return {"_entries": {}}
+
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: str = "auto", *,
                 cache: PackCache | None = None, key: str = "") -> torch.Tensor:
     """``x @ (q · scale[:, None])ᵀ`` with the chosen kernel (no bias)."""
     if kernel == "auto":
-        kernel = "fbgemm" if cache is not None and fbgemm_usable(x) else "dequant"
+        kernel = "dequant"
     if kernel == "dequant":
         return _dequant(x, q, scale)
     if kernel == "int_mm":

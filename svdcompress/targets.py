@@ -124,6 +124,11 @@ def find_targets(
 ) -> list[Target]:
     """Targets selected by ``targets`` minus ``exclude``; a pattern that matches nothing is an error."""
     candidates = block_linears(model)
+    if not candidates:
+        raise ConfigError(
+            "the model's decoder blocks hold no nn.Linear or Conv1D layers left to compress (is it "
+            "already compressed? Then compress the original model, or recover/quantize this one)."
+        )
     for kind, patterns in (("target", targets), ("exclude", exclude)):
         for pattern in patterns:
             if not any(_matches(pattern, t.name, t.role) for t in candidates):

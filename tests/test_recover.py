@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from svdcompress import SVDConfig, compress_, save
 from svdcompress import recover as recover_module
 from svdcompress.errors import CheckpointError, ConfigError
+from svdcompress.linalg import balance_factors
 from svdcompress.recover import (
     RecoverySettings,
     distillation_loss,
@@ -101,7 +103,7 @@ def test_resume_refuses_other_settings_or_models(windows, tmp_path, monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             recover_(_student(), teacher, windows, settings, state_dir=state, progress=False)
     other_lr = RecoverySettings(steps=4, lr=5e-3, batch_size=2, checkpoint_every=1)
-    with pytest.raises(CheckpointError, match="lr=0.005"):
+    with pytest.raises(CheckpointError, match=r"lr=0\.005"):
         recover_(_student(), teacher, windows, other_lr, state_dir=state, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="student differs"):
         recover_(_student(0.3), teacher, windows, settings, state_dir=state, resume=True, progress=False)
@@ -146,11 +148,27 @@ def test_a_dense_model_has_nothing_to_train():
         trainable_parameters(make_tiny_model("llama"))
 
 
+def test_balancing_keeps_the_product_and_evens_the_scales():
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(40, 6, generator=g, dtype=torch.float64) * 300
+    right = torch.randn(6, 30, generator=g, dtype=torch.float64) / 300
+    balanced = balance_factors(left, right)
+    torch.testing.assert_close(balanced.product(), left @ right)
+    assert balanced.left.norm().item() == pytest.approx(balanced.right.norm().item())
+
+
+def test_recovery_loss_plot(tmp_path):
+    from svdcompress.report import plot_recovery
+
+    path = plot_recovery({"run": [1.0, 0.8, 0.7, 0.65, 0.6]}, tmp_path / "loss.png")
+    assert path.stat().st_size > 0
+
+
 def test_learning_rate_warms_up_then_decays():
     settings = RecoverySettings(steps=100, lr=1e-3, warmup_fraction=0.1)
     rates = [learning_rate(settings, s) for s in range(100)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
-    assert rates[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert rates[-1] == pytest.approx(1e-4) and all(a >= b for a, b in pairwise(rates[9:]))
 
 
 # --- the command -----------------------------------------------------------------------------------

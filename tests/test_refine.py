@@ -116,7 +116,7 @@ def test_nan_statistics_count_as_divergence():
 # --- through compress_ on a tiny model -------------------------------------------------------------
 
 
-def test_compress_records_refinement_per_module(tiny_llama, tiny_windows):
+def test_compress_records_refinement_per_module(tiny_llama, tiny_windows, tmp_path):
     config = SVDConfig(param_ratio=0.6, refine_iters=30, refine_lr=1e-2)
     report = compress_(tiny_llama, config, tiny_windows)
     for module in report.modules:
@@ -128,6 +128,9 @@ def test_compress_records_refinement_per_module(tiny_llama, tiny_windows):
     assert "refine_error_after" in saved["modules"][0]
     logits = tiny_llama(input_ids=tiny_windows).logits
     assert torch.isfinite(logits).all()
+    from svdcompress.report import plot_refinement
+
+    assert plot_refinement(saved["modules"], tmp_path / "refine.png").stat().st_size > 0
 
 
 def test_refinement_improves_plain_svd_outputs(tiny_windows):
@@ -154,3 +157,67 @@ def test_refinement_needs_calibration(tiny_llama):
 def test_bad_refinement_settings_are_refused(changes):
     with pytest.raises(ConfigError):
         WhitenConfig(param_ratio=0.8, **changes)
+
+
+# --- the statistics refinement reads --------------------------------------------------------------
+
+
+def _inputs(model, names, windows):
+    """Each named module's inputs (tokens, in) over ``windows``, by direct hooks."""
+    seen: dict[str, list] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, args, _o, n=n: seen.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pipeline_statistics_match_direct_sums(seed):
+    """gram, cross and original_gram equal Σ x'x'ᵀ, Σ x x'ᵀ, Σ x xᵀ (a stale-cache bug once mixed
+    up inputs of equal shape whose memory had been reused within a batch)."""
+    import copy
+
+    from conftest import make_tiny_model
+
+    from svdcompress.calibration import Calibration, run_sequential
+    from svdcompress.compress import _replace
+    from svdcompress.modules import LowRankLinear
+    from svdcompress.targets import find_targets
+
+    model = make_tiny_model("llama")
+    original = copy.deepcopy(model)
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(seed))
+    targets = [t for t in find_targets(model, ("all-linear",)) if t.block <= 1]
+    stats = {}
+
+    def compress_block(_index, block_stats):
+        for name, entry in block_stats.items():
+            stats[name] = entry
+            module = model.get_submodule(name)
+            factors = truncated_svd(module.weight.detach(), 8)
+            _replace(model, name, LowRankLinear.from_linear(
+                module, Factors(factors.left.float(), factors.right.float())))
+
+    run_sequential(model, targets, Calibration(windows), compress_block, batch_size=2,
+                   track_original=True)
+    # Block i's statistics are gathered before block i is compressed: compare with a model whose
+    # earlier blocks are compressed and block i is still dense.
+    half = copy.deepcopy(original)
+    for target in targets:
+        if target.block == 0:
+            _replace(half, target.name, copy.deepcopy(model.get_submodule(target.name)))
+    names = [t.name for t in targets]
+    xo = _inputs(original, names, windows)
+    xc = {**{n: xo[n] for n in names if ".0." in n}, **_inputs(half, names, windows)}
+    for name in names:
+        x_c = xo[name] if ".0." in name else xc[name]
+        torch.testing.assert_close(stats[name].gram, x_c.T @ x_c, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats[name].cross, xo[name].T @ x_c, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats[name].original_gram, xo[name].T @ xo[name], rtol=1e-4,
+                                   atol=1e-3)

@@ -10,7 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from svdcompress.commands import handle_errors
-from svdcompress.config import CompressionConfig, config_from_dict, load_recipe, method_names, preset
+from svdcompress.config import (
+    CompressionConfig,
+    config_from_dict,
+    load_recipe,
+    method_names,
+    preset,
+)
 from svdcompress.errors import ConfigError
 
 __all__ = ["build_config", "register"]
@@ -152,6 +158,12 @@ def register(app: typer.Typer) -> None:
         storage: Annotated[str | None, typer.Option(help="factored (saves) or dense (denoise)")] = None,
         update: Annotated[bool | None, typer.Option("--update/--no-update", help="LS update of left factor")] = None,
         quant_bits: Annotated[int | None, typer.Option(help="store factors as int8 per-row (8); default float")] = None,
+        # --- issue 6: gradient refinement of each module's factors (svdcompress.refine) ---
+        refine_iters: Annotated[int | None, typer.Option(
+            help="Adam steps refining each module's factor pair on its calibration output loss "
+            "(0: none); with --update the target is the original model's outputs")] = None,
+        refine_lr: Annotated[float | None, typer.Option(
+            help="refinement step size, relative to each factor's RMS (default 0.03)")] = None,
         preset_name: Annotated[str | None, typer.Option("--preset", help="cf90 or k-only")] = None,
         recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with config fields")] = None,
         calib: Annotated[str, typer.Option(help="calibration text source")] = "wiki",
@@ -176,6 +188,7 @@ def register(app: typer.Typer) -> None:
                 targets=_split_list(targets), exclude=_split_list(exclude),
                 rank_pattern=_parse_rank_pattern(rank_pattern) if rank_pattern else None,
                 storage=storage, update=update, seed=seed, quant_bits=quant_bits,
+                refine_iters=refine_iters, refine_lr=refine_lr,
             )
             summary = run_compress(model, config, out, calib=calib, calib_samples=calib_samples,
                                    seq_len=seq_len, n_facts=facts, overwrite=overwrite,
