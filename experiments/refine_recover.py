@@ -118,7 +118,7 @@ def _compress(variant: str, ratio: float, args) -> dict:
         config = load_recipe(_allocation_recipe(ratio, args))
     summary = run_compress(MODEL, config, _folder(variant, ratio, args), calib="wiki",
                            calib_samples=args.calib_samples, seq_len=512, n_facts=0, overwrite=True)
-    return {"target_param_ratio": summary["target_param_ratio"],
+    return {"target_param_ratio": summary.get("selected_param_ratio", summary["target_param_ratio"]),
             "compress_seconds": summary["wall_seconds"], "config": config.to_dict()}
 
 
@@ -138,7 +138,7 @@ def _recover(variant: str, ratio: float, args) -> dict:
 
 def _source_ratio(folder: Path) -> float:
     report = json.loads((folder / "compression_report.json").read_text())
-    return report["summary"]["target_param_ratio"]
+    return report["summary"].get("selected_param_ratio", report["summary"]["target_param_ratio"])
 
 
 def _cli(variant: str, ratio: float, args) -> str:

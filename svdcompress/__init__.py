@@ -4,6 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os
+
+# Busy-waiting OpenMP threads made torch several times slower on a shared CPU (BENCHMARKS.md, "threads
+# on a shared CPU"); passive waiting costs next to nothing on an idle one. It only takes effect
+# before torch is first imported, and a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from svdcompress.calibration import Calibration
 from svdcompress.checkpoint import export_dense, load, save
 from svdcompress.compress import CompressionReport, compress_

@@ -26,7 +26,7 @@ from svdcompress.linalg import (
     relative_weight_error,
 )
 from svdcompress.methods import get_method
-from svdcompress.modules import LowRankLinear, dense_weight
+from svdcompress.modules import LowRankLinear, dense_weight, stored_numbers
 from svdcompress.quantize import quantize_module
 from svdcompress.refine import LayerObjective, RefineResult, RefineSettings, refine_factors
 from svdcompress.targets import Target, find_targets
@@ -67,6 +67,10 @@ class CompressionReport:
     peak_rss_mb: float  # of the whole process, so it includes the loaded model
     calibration: str | None = None
     config: dict = field(default_factory=dict)
+    # Modules the targets select but ``exclude`` leaves dense (e.g. by allocation): they count at
+    # full size in ``selected_param_ratio``, the ratio a global budget such as --allocate's meets.
+    excluded_modules: int = 0
+    excluded_params: int = 0
 
     def total(self, key: str) -> int:
         return sum(getattr(m, key) for m in self.modules)
@@ -74,6 +78,11 @@ class CompressionReport:
     @property
     def target_param_ratio(self) -> float:
         return self.total("params_after") / max(self.total("params_before"), 1)
+
+    @property
+    def selected_param_ratio(self) -> float:
+        before = self.total("params_before") + self.excluded_params
+        return (self.total("params_after") + self.excluded_params) / max(before, 1)
 
     @property
     def model_param_ratio(self) -> float:
@@ -88,6 +97,9 @@ class CompressionReport:
             "target_param_ratio": round(self.target_param_ratio, 4),
             "target_bytes_before": self.total("bytes_before"),
             "target_bytes_after": self.total("bytes_after"),
+            "excluded_modules": self.excluded_modules,
+            "excluded_params": self.excluded_params,
+            "selected_param_ratio": round(self.selected_param_ratio, 4),
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
             "model_param_ratio": round(self.model_param_ratio, 4),
@@ -151,12 +163,6 @@ def _check_finite(model: nn.Module, targets: list[Target]) -> None:
         weight = dense_weight(model.get_submodule(target.name))
         if not torch.isfinite(weight).all():
             raise ConfigError(f"{target.name} holds NaN or inf weights; refusing to compress it.")
-
-
-def _stored_numbers(model: nn.Module) -> int:
-    """Parameters plus int8 codes (held as buffers, so ``parameters()`` alone would miss them)."""
-    codes = sum(buffer.numel() for buffer in model.buffers() if buffer.dtype == torch.int8)
-    return sum(p.numel() for p in model.parameters()) + codes
 
 
 def _bytes(params: int, dtype: torch.dtype) -> int:
@@ -269,7 +275,7 @@ def compress_(
             "calibration windows: compress_(model, config, calibration=token_windows(...))."
         )
     _check_finite(model, targets)
-    params_before = _stored_numbers(model)
+    params_before = stored_numbers(model)
     method = get_method(config)
     extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
     compressor = _Compressor(model, config, ranks, method, extras)
@@ -287,18 +293,38 @@ def compress_(
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,
-        model_params_after=_stored_numbers(model),
+        model_params_after=stored_numbers(model),
         wall_seconds=time.perf_counter() - start,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=None if calibration is None else calibration.source,
         config=config.to_dict(),
+        **_excluded(model, config, targets),
     )
-    model.config.compression_config = {
+    model.config.compression_config = _merged_compression_config(model, {
         "config": config.to_dict(),
         "modules": compressor.specs,
         "calibration": report.calibration,
         "importance": None if importance is None else importance.source,
         "library_version": __version__,
-    }
+    })
     logger.info("compressed %d modules: %s", len(targets), report.summary())
     return report
+
+
+def _merged_compression_config(model: nn.Module, latest: dict) -> dict:
+    """A second ``compress_`` on the same model keeps the first one's modules (the checkpoint must
+    rebuild all of them) and moves its settings to ``history``."""
+    previous = getattr(model.config, "compression_config", None)
+    if not previous:
+        return latest
+    earlier = {k: v for k, v in previous.items() if k not in ("modules", "history")}
+    return {**latest, "modules": {**previous.get("modules", {}), **latest["modules"]},
+            "history": [*previous.get("history", []), earlier]}
+
+
+def _excluded(model: nn.Module, config: CompressionConfig, chosen: list[Target]) -> dict[str, int]:
+    if not config.exclude:
+        return {"excluded_modules": 0, "excluded_params": 0}
+    names = {t.name for t in find_targets(model, config.targets)} - {t.name for t in chosen}
+    params = sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+    return {"excluded_modules": len(names), "excluded_params": params}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from svdcompress.datasets import Fact, load_facts, token_windows
+from svdcompress.modules import stored_numbers
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -450,7 +451,7 @@ def evaluate_model(
         "settings": settings,
         "model": {
             "name": str(getattr(model, "name_or_path", "")),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": stored_numbers(model),  # int8 codes included
         },
         "perplexity": _perplexity_on(model, tokenizer, data, settings),
     }

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from svdcompress.linalg import SUPPORTED_QUANT_BITS, Factors, dequantize, quantize_symmetric
 from svdcompress.runtime import PackCache, fbgemm_linear, fbgemm_usable, int8_linear
 
-__all__ = ["LowRankLinear", "tensor_layout"]
+__all__ = ["LowRankLinear", "stored_numbers", "tensor_layout"]
 
 Layout = Literal["linear", "conv1d"]
 Storage = Literal["factored", "dense"]
@@ -260,3 +260,9 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"storage={self.storage}{quant}, bias={self.bias is not None}"
         )
+
+
+def stored_numbers(model: nn.Module) -> int:
+    """Parameters plus int8 codes (held as buffers, so ``parameters()`` alone would miss them)."""
+    codes = sum(buffer.numel() for buffer in model.buffers() if buffer.dtype == torch.int8)
+    return sum(p.numel() for p in model.parameters()) + codes

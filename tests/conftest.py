@@ -103,6 +103,15 @@ def char_tokenizer():
 
 
 @pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny Llama saved as an ordinary Hugging Face folder (weights + tokenizer)."""
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """An empty svdcompress cache, so a test can neither read nor spoil the real one."""
     root = tmp_path / "cache"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import svdcompress as sc
-from svdcompress.errors import CheckpointError
+from svdcompress.errors import CheckpointError, ConfigError
 from svdcompress.modules import LowRankLinear
 
 
@@ -36,6 +36,19 @@ def test_save_load_is_exact(tiny_model, tiny_windows, tmp_path, storage):
         assert torch.equal(value, loaded_state[key]), key
     assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == len(saved["modules"])
     assert torch.equal(_logits(tiny_model, tiny_windows), _logits(loaded, tiny_windows))
+
+
+def test_compressing_twice_keeps_both_in_the_checkpoint(tiny_llama, tiny_windows, tmp_path):
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=8, targets=("q_proj",)))
+    sc.compress_(tiny_llama, sc.SVDConfig(rank=4, targets=("attention", "mlp")))  # the rest
+    saved = tiny_llama.config.compression_config
+    assert saved["history"][0]["config"]["targets"] == ["q_proj"]
+    assert {spec["rank"] for name, spec in saved["modules"].items() if "q_proj" in name} == {8}
+    sc.save(tiny_llama, tmp_path / "ckpt")
+    loaded, _ = sc.load(tmp_path / "ckpt")
+    assert torch.equal(_logits(tiny_llama, tiny_windows), _logits(loaded, tiny_windows))
+    with pytest.raises(ConfigError, match="already compressed"):
+        sc.compress_(loaded, sc.SVDConfig(rank=4))
 
 
 def test_tied_embeddings_stay_tied_after_load(tiny_llama, tmp_path):

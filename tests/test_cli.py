@@ -76,6 +76,9 @@ def test_optional_sections_can_be_switched(tiny_folder):
     assert result.exit_code == 0, result.output
     assert "second domain" not in result.output and "fact recall" not in result.output
     assert "KL(ref‖model)" in result.output and "repetition rate" in result.output
+    assert "× reference" in result.output  # the original is measured side by side
+    [ppl_row] = [line for line in result.output.splitlines() if "perplexity (held-out)" in line]
+    assert "1.000" in ppl_row  # the model against itself
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,13 @@ def test_rank_pattern_and_exclude(tiny_llama):
     assert ranks["model.layers.2.self_attn.k_proj"] == 8
     assert ranks["model.layers.0.self_attn.k_proj"] == 8  # 0.25 · min(32, 64)
     assert ranks["model.layers.0.self_attn.q_proj"] == 16  # 0.25 · 64
+    # The excluded block's 4 attention linears count at full size in the selected ratio.
+    summary = report.summary()
+    assert summary["excluded_modules"] == 4
+    kept = summary["target_params_after"] + summary["excluded_params"]
+    assert summary["selected_param_ratio"] == round(
+        kept / (summary["target_params_before"] + summary["excluded_params"]), 4)
+    assert summary["target_param_ratio"] < summary["selected_param_ratio"] < 1
 
 
 @pytest.mark.parametrize(

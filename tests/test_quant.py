@@ -336,14 +336,6 @@ def _cli(args):
     return CliRunner().invoke(app, args)
 
 
-@pytest.fixture
-def tiny_folder(tmp_path):
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_cli_quantize_baseline_then_factors(tiny_folder, tmp_path):
     result = _cli(["quantize", str(tiny_folder), "--out", str(tmp_path / "rtn")])
     assert result.exit_code == 0, result.output

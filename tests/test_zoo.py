@@ -12,14 +12,6 @@ from svdcompress import zoo
 from svdcompress.errors import ModelLoadError, ModelNotFoundError
 
 
-@pytest.fixture
-def tiny_folder(tmp_path):
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_local_folder_loads_in_eval_mode_with_the_same_weights(tiny_folder, tiny_windows):
     model, tokenizer = zoo.load_model(str(tiny_folder))
     assert not model.training

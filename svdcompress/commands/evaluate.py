@@ -31,8 +31,10 @@ def run_eval(
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec)
-    reference = load_model(reference_spec)[0] if reference_spec else None
+    reference, reference_tokenizer = load_model(reference_spec) if reference_spec else (None, None)
     result = evaluate_model(model, tokenizer, reference=reference, **settings)
+    if reference is not None:  # the same measurements of the original, for side-by-side columns
+        result["reference"] = evaluate_model(reference, reference_tokenizer, **settings)
     result["run"] = {
         "model_spec": model_spec,
         "reference_spec": reference_spec,
@@ -103,11 +105,22 @@ def render_table(result: dict[str, Any]) -> Any:
         title=f"svdcompress eval · {run.get('model_spec', result['model']['name'])} · {params / 1e6:.1f}M parameters",
         caption=f"{run.get('elapsed_s', '?')} s · torch {run.get('torch', '?')} · {run.get('cpu_threads', '?')} threads",
     )
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    reference = result.get("reference")
+    if reference is not None:
+        table.title += f"\nreference: {run.get('reference_spec', '')}"
+        table.add_column("reference", justify="right", no_wrap=True)
+        table.add_column("× reference", justify="right", no_wrap=True)
+        reference_values = {label: value for label, value, _ in _rows(reference)}
     table.add_column("measured on")
-    for row in _rows(result):
-        table.add_row(*row)
+    for label, value, detail in _rows(result):
+        if reference is None:
+            table.add_row(label, value, detail)
+            continue
+        other = reference_values.get(label, "")
+        ratio = f"{float(value) / float(other):.3f}" if label.startswith("perplexity") and other else ""
+        table.add_row(label, value, other, ratio, detail)
     return table
 
 
@@ -136,7 +149,8 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="qa_wikidata facts for fact recall; 0 skips it")
         ] = 300,
         reference: Annotated[
-            str | None, typer.Option(help="also compare logits against this model")
+            str | None,
+            typer.Option(help="the original: measured the same way side by side, plus logits fidelity"),
         ] = None,
         generation: Annotated[
             bool, typer.Option(help="also score greedy generations for repetition")
