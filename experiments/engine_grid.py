@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -95,7 +96,7 @@ def table(results: dict) -> str:
     dense = results["dense"]
     lines = [
         "| run | target params kept | model params | wiki ppl | × dense | second-domain ppl | × dense "
-        "| fact recall | compress s | peak RSS growth MB |",
+        "| fact recall (vs dense: +gained/−lost, McNemar p) | compress s | peak RSS growth MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -108,10 +109,22 @@ def table(results: dict) -> str:
             f"| {name} | {comp.get('target_param_ratio', 1.0):.3f} | "
             f"{comp.get('model_params_after', r['model']['parameters']) / 1e6:.1f}M | {wiki:,.2f} | "
             f"{wiki / dense['perplexity']['perplexity']:.2f} | {second} | "
-            f"{r['facts']['accuracy']:.1%} | {r.get('wall_seconds', 0):.0f} | "
+            f"{r['facts']['accuracy']:.1%} {_fact_change(dense, r)} | {r.get('wall_seconds', 0):.0f} | "
             f"{r.get('rss_growth_mb', 0):.0f} |"
         )
     return "\n".join(lines)
+
+
+def _fact_change(dense: dict, run: dict) -> str:
+    """Facts gained/lost against dense, with McNemar's exact two-sided p on the discordant pairs."""
+    if run is dense:
+        return ""
+    pairs = list(zip(dense["facts"]["hits"], run["facts"]["hits"], strict=True))
+    gained = sum(not a["correct"] and b["correct"] for a, b in pairs)
+    lost = sum(a["correct"] and not b["correct"] for a, b in pairs)
+    n = gained + lost
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n) if n else 1.0
+    return f"(+{gained}/−{lost}, p={p:.2g})"
 
 
 def plot(results: dict, path: Path) -> None:
