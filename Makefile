@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job: compress the default model with the sensitivity-allocated ranks for 90 % of the
 # decoder linear parameters (a recipe `svdcompress analyze` wrote), then measure it side by side
-# with the original on held-out text. About 15 minutes on 2 CPU cores.
+# with the original on held-out text. About 10 minutes on 2 CPU cores.
 DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p90
 demo: setup
 	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.90.json \

@@ -94,24 +94,23 @@ class PeakRSS:
 
 def table(results: dict) -> str:
     dense = results["dense"]
-    lines = [
-        "| run | target params kept | model params | wiki ppl | × dense | second-domain ppl | × dense "
-        "| fact recall (vs dense: +gained/−lost, McNemar p) | compress s | peak RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    second = "second_domain" in dense
+    header = ["run", "target params kept", "model params", "wiki ppl", "× dense"]
+    header += ["second-domain ppl", "× dense"] if second else []
+    header += ["fact recall (vs dense: +gained/−lost, McNemar p)", "compress s", "peak RSS growth MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         comp = r.get("compression", {})
         wiki = r["perplexity"]["perplexity"]
-        second = (f"{r['second_domain']['perplexity']:,.2f} | "
-                  f"{r['second_domain']['perplexity'] / dense['second_domain']['perplexity']:.2f}"
-                  if "second_domain" in r and "second_domain" in dense else "– | –")
-        lines.append(
-            f"| {name} | {comp.get('target_param_ratio', 1.0):.3f} | "
-            f"{comp.get('model_params_after', r['model']['parameters']) / 1e6:.1f}M | {wiki:,.2f} | "
-            f"{wiki / dense['perplexity']['perplexity']:.2f} | {second} | "
-            f"{r['facts']['accuracy']:.1%} {_fact_change(dense, r)} | {r.get('wall_seconds', 0):.0f} | "
-            f"{r.get('rss_growth_mb', 0):.0f} |"
-        )
+        cells = [name, f"{comp.get('target_param_ratio', 1.0):.3f}",
+                 f"{comp.get('model_params_after', r['model']['parameters']) / 1e6:.1f}M",
+                 f"{wiki:,.2f}", f"{wiki / dense['perplexity']['perplexity']:,.2f}"]
+        if second:
+            ppl = r["second_domain"]["perplexity"]
+            cells += [f"{ppl:,.2f}", f"{ppl / dense['second_domain']['perplexity']:,.2f}"]
+        cells += [f"{r['facts']['accuracy']:.1%} {_fact_change(dense, r)}".strip(),
+                  f"{r.get('wall_seconds', 0):.0f}", f"{r.get('rss_growth_mb', 0):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
