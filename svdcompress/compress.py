@@ -267,6 +267,7 @@ def compress_(
     start = time.perf_counter()
     calibration = _as_calibration(calibration)
     targets = find_targets(model, config.targets, config.exclude)
+    excluded = _excluded(model, config, targets)  # before the swap: afterwards a role may be gone
     ranks = resolve_ranks(config, targets)
     if config.uses_calibration and calibration is None:
         raise CalibrationError(
@@ -298,7 +299,7 @@ def compress_(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=None if calibration is None else calibration.source,
         config=config.to_dict(),
-        **_excluded(model, config, targets),
+        **excluded,
     )
     model.config.compression_config = _merged_compression_config(model, {
         "config": config.to_dict(),
