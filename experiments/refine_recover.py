@@ -110,15 +110,16 @@ def _allocation_recipe(ratio: float, args) -> Path:
 
 def _compress(variant: str, ratio: float, args) -> dict:
     spec = VARIANTS[variant]
-    config_type = SVDConfig if spec["method"] == "svd" else WhitenConfig
-    config = config_type(param_ratio=ratio, update=spec.get("update", False),
-                         refine_iters=args.refine_iters if spec.get("refine") else 0,
-                         refine_lr=args.refine_lr)
     if spec.get("allocated"):
         config = load_recipe(_allocation_recipe(ratio, args))
+    else:
+        config_type = SVDConfig if spec["method"] == "svd" else WhitenConfig
+        config = config_type(param_ratio=ratio, update=spec.get("update", False),
+                             refine_iters=args.refine_iters if spec.get("refine") else 0,
+                             refine_lr=args.refine_lr)
     summary = run_compress(MODEL, config, _folder(variant, ratio, args), calib="wiki",
                            calib_samples=args.calib_samples, seq_len=512, n_facts=0, overwrite=True)
-    return {"target_param_ratio": summary.get("selected_param_ratio", summary["target_param_ratio"]),
+    return {"target_param_ratio": summary["selected_param_ratio"],
             "compress_seconds": summary["wall_seconds"], "config": config.to_dict()}
 
 
@@ -148,9 +149,9 @@ def _cli(variant: str, ratio: float, args) -> str:
         return (f"svdcompress recover {_folder(spec['recover_from'], ratio, args)} "
                 f"--steps {args.recover_steps} --lr {args.recover_lr} --batch-size "
                 f"{args.recover_batch} --seq-len {args.recover_seq_len} --device cpu --out {out}")
-    flags = f" --method {spec['method']} --param-ratio {ratio} --calib-samples {args.calib_samples} --seq-len 512"
-    if spec.get("allocated"):
-        flags = f" --recipe {_allocation_recipe(ratio, args)} --calib-samples {args.calib_samples} --seq-len 512"
+    what = (f"--recipe {_allocation_recipe(ratio, args)}" if spec.get("allocated")
+            else f"--method {spec['method']} --param-ratio {ratio}")
+    flags = f" {what} --calib-samples {args.calib_samples} --seq-len 512"
     flags += " --update" if spec.get("update") else ""
     flags += f" --refine-iters {args.refine_iters} --refine-lr {args.refine_lr}" if spec.get("refine") else ""
     return f"svdcompress compress {MODEL}{flags} --out {out}"

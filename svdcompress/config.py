@@ -253,8 +253,7 @@ def method_names() -> list[str]:
 
 
 def load_recipe(path: str | Path) -> CompressionConfig:
-    """A YAML or JSON file holding one config dict (with its ``method``), or an allocation file
-    that holds it under ``config`` beside the allocation's details."""
+    """A YAML or JSON file holding one config dict (with its ``method``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist.")
@@ -265,8 +264,6 @@ def load_recipe(path: str | Path) -> CompressionConfig:
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]  # an allocation file: {"config": ..., "allocation": its details}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must hold a mapping of settings, got {type(data).__name__}")
     return config_from_dict(data)

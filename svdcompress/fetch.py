@@ -250,7 +250,7 @@ def fetch_pypi(name: str, version: str, *, source: bool = False) -> Path:
             _pip_download_wheel(spec, Path(tmp))
         got = _find_cached(Path(tmp), name, version, source)
         if got is None:
-            raise FetchError(f"pip reported success for {spec} but left no matching file in {tmp}")
+            raise FetchError(f"the download of {spec} reported success but left no matching file in {tmp}")
         _verify_archive(got)
         final = downloads / got.name
         os.replace(got, final)

@@ -56,10 +56,11 @@ def _ppl_row(label: str, ppl: dict[str, Any]) -> tuple[str, str, str]:
     return label, f"{ppl['perplexity']:.3f}", detail
 
 
+_PERPLEXITY_ROWS = {"perplexity (held-out)": "perplexity", "perplexity (second domain)": "second_domain"}
+
+
 def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    rows = [_ppl_row("perplexity (held-out)", result["perplexity"])]
-    if "second_domain" in result:
-        rows.append(_ppl_row("perplexity (second domain)", result["second_domain"]))
+    rows = [_ppl_row(label, result[key]) for label, key in _PERPLEXITY_ROWS.items() if key in result]
     if "facts" in result:
         facts = result["facts"]
         detail = f"{facts['n_correct']} / {facts['n']} BIG-bench qa_wikidata eval facts, greedy"
@@ -113,14 +114,14 @@ def render_table(result: dict[str, Any]) -> Any:
         table.add_column("reference", justify="right", no_wrap=True)
         table.add_column("× reference", justify="right", no_wrap=True)
         reference_values = {label: value for label, value, _ in _rows(reference)}
+        ratios = {label: f"{result[key]['perplexity'] / reference[key]['perplexity']:.3f}"
+                  for label, key in _PERPLEXITY_ROWS.items() if key in result and key in reference}
     table.add_column("measured on")
     for label, value, detail in _rows(result):
         if reference is None:
             table.add_row(label, value, detail)
-            continue
-        other = reference_values.get(label, "")
-        ratio = f"{float(value) / float(other):.3f}" if label.startswith("perplexity") and other else ""
-        table.add_row(label, value, other, ratio, detail)
+        else:
+            table.add_row(label, value, reference_values.get(label, ""), ratios.get(label, ""), detail)
     return table
 
 
