@@ -14,8 +14,6 @@ import copy
 import json
 import logging
 import math
-import os
-import threading
 import time
 from pathlib import Path
 
@@ -23,13 +21,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import psutil
 import torch
 
 import svdcompress as sc
+from svdcompress.bench import PeakRSS
 from svdcompress.config import config_from_dict
 from svdcompress.datasets import load_facts, token_windows
 from svdcompress.evaluate import evaluate_model
+from svdcompress.provenance import write_results
 
 GRID = {
     **{f"{m}@{r}": {"method": m, "param_ratio": r} for m in ("svd", "whiten", "asvd", "fisher")
@@ -69,27 +68,6 @@ def run_one(name, spec, base, tokenizer, calibration, args) -> dict:
     result.update(name=name, spec=spec, compression=report.summary(), wall_seconds=wall,
                   rss_growth_mb=memory.growth_mb)
     return result
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 50 ms in a thread (the
-    process's own high-water mark would include the runs before this one)."""
-
-    def __enter__(self) -> PeakRSS:
-        self._process, self._stop = psutil.Process(), threading.Event()
-        self._start = self._peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self._peak = max(self._peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.growth_mb = (max(self._peak, self._process.memory_info().rss) - self._start) / 2**20
 
 
 def table(results: dict) -> str:
@@ -146,9 +124,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def save_json(results: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    write_results(path, results)  # atomically, with the command and code version
 
 
 def main() -> None:
@@ -167,6 +143,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.pop("provenance", None)  # rewritten by every save; not a run
 
     base, tokenizer = sc.load_model("smollm2-135m")
     windows = token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,

@@ -29,7 +29,7 @@ from svdcompress import load_model
 from svdcompress.bench import BenchSettings, run_bench, weight_bytes
 from svdcompress.datasets import load_facts, token_windows
 from svdcompress.evaluate import fact_recall, perplexity
-from svdcompress.fetch import atomic_write_json
+from svdcompress.provenance import write_results
 from svdcompress.runtime import set_runtime
 
 logger = logging.getLogger("int8_benchmarks")
@@ -90,7 +90,7 @@ def _quality(args, label: str, results: dict, out: Path) -> None:
         entry["fact_recall"] = {"accuracy": recall.accuracy, "n": recall.n}
     entry["seconds"] = time.perf_counter() - start
     results["quality"][label] = entry
-    atomic_write_json(out, results)
+    write_results(out, results)
     logger.info("%s: %s", label, {k: entry[k] for k in ("perplexity", "seconds")})
     del model
     gc.collect()
@@ -103,7 +103,7 @@ def _speed(args, results: dict, out: Path) -> None:
     settings = BenchSettings(threads=args.threads, rounds=args.rounds, runs=args.runs,
                              kernel=MAIN_KERNEL)
     results["speed"] = run_bench(specs, args.model, settings)
-    atomic_write_json(out, results)
+    write_results(out, results)
 
 
 def _kernels(args, results: dict, out: Path) -> None:
@@ -115,7 +115,7 @@ def _kernels(args, results: dict, out: Path) -> None:
         settings = BenchSettings(threads=args.threads, rounds=1, runs=args.runs, batch_sizes=(1,),
                                  kernel=kernel)
         results["kernels"][kernel] = run_bench([_spec(args, "whiten-p06-int8")], args.model, settings)
-        atomic_write_json(out, results)
+        write_results(out, results)
 
 
 def _prompt(args, results: dict, out: Path) -> None:
@@ -136,7 +136,7 @@ def _prompt(args, results: dict, out: Path) -> None:
             same = (logits.argmax(-1) == reference.argmax(-1)).tolist()
             entry["kernels"][kernel] = {"relative_error": error.tolist(), "same_argmax": same}
     results["prompt"] = entry
-    atomic_write_json(out, results)
+    write_results(out, results)
 
 
 def _speed_row(results: dict, spec: str) -> dict | None:

@@ -19,7 +19,6 @@ share the machine's background load; the median over rounds is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from svdcompress.linalg import Factors
 from svdcompress.modules import LowRankLinear
+from svdcompress.provenance import write_results
 from svdcompress.runtime import available_kernels
 
 logger = logging.getLogger("kernel_bench")
@@ -151,7 +151,7 @@ def main() -> None:
     result = {"param_ratio": args.param_ratio, "threads": args.threads, "rounds": args.rounds,
               "torch": torch.__version__, "loadavg": [load_before, os.getloadavg()[0]], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out / "kernels.json", result)
     markdown = table(rows, args.tokens)
     (args.out / "kernels.md").write_text(markdown + "\n")
     print(markdown)

@@ -11,13 +11,13 @@ process, so run it with few threads on a quiet machine and compare shares, not a
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from svdcompress.bench import _load, _token_ids
+from svdcompress.provenance import write_results
 
 
 def _args() -> argparse.Namespace:
@@ -67,7 +67,7 @@ def main() -> None:
     for result in results:
         print(report(result, args.top), end="\n\n")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_results(args.json, {"runs": results})
 
 
 if __name__ == "__main__":

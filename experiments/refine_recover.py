@@ -26,6 +26,7 @@ from svdcompress.commands.compress import run_compress
 from svdcompress.commands.recover import run_recover, state_folder
 from svdcompress.config import SVDConfig, WhitenConfig, load_recipe
 from svdcompress.evaluate import evaluate_model
+from svdcompress.provenance import write_results
 from svdcompress.recover import RecoverySettings
 from svdcompress.report import plot_recovery, plot_refinement
 from svdcompress.zoo import load_model
@@ -80,10 +81,7 @@ def _load(path: Path) -> dict:
 
 
 def _store(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_results(path, results)  # atomically, with the command and code version
 
 
 def _evaluate(spec: str, args) -> dict:
@@ -119,7 +117,8 @@ def _compress(variant: str, ratio: float, args) -> dict:
                              refine_lr=args.refine_lr)
     summary = run_compress(MODEL, config, _folder(variant, ratio, args), calib="wiki",
                            calib_samples=args.calib_samples, seq_len=512, n_facts=0, overwrite=True)
-    return {"target_param_ratio": summary["selected_param_ratio"],
+    return {"param_ratio_factored_modules": summary["target_param_ratio"],
+            "param_ratio_all_linears": summary["selected_param_ratio"],
             "compress_seconds": summary["wall_seconds"], "config": config.to_dict()}
 
 
@@ -133,13 +132,14 @@ def _recover(variant: str, ratio: float, args) -> dict:
                           seq_len=args.recover_seq_len, n_windows=None, resume=resume,
                           overwrite=True, device="cpu")
     source_run = f"{VARIANTS[variant]['recover_from']} p{round(ratio * 100):02d}"
-    return {"target_param_ratio": _source_ratio(source), "recover_seconds": summary["wall_seconds"],
+    return {**_source_ratios(source), "recover_seconds": summary["wall_seconds"],
             "source_run": source_run, "recovery": {k: v for k, v in summary.items() if k != "losses"}}
 
 
-def _source_ratio(folder: Path) -> float:
-    report = json.loads((folder / "compression_report.json").read_text())
-    return report["summary"].get("selected_param_ratio", report["summary"]["target_param_ratio"])
+def _source_ratios(folder: Path) -> dict[str, float]:
+    summary = json.loads((folder / "compression_report.json").read_text())["summary"]
+    return {"param_ratio_factored_modules": summary["target_param_ratio"],
+            "param_ratio_all_linears": summary["selected_param_ratio"]}
 
 
 def _cli(variant: str, ratio: float, args) -> str:
@@ -219,10 +219,10 @@ def _plots(args, results: dict) -> None:
 
 def _table(results: dict) -> str:
     dense = results["runs"].get("dense")
-    lines = ["| variant | params kept | wiki ppl (× dense) | sotu ppl (× dense) | fact recall | "
+    lines = ["| variant | params kept (all linears) | wiki ppl (× dense) | sotu ppl (× dense) | fact recall | "
              "wall: compress / recover |", "|---|---|---|---|---|---|"]
     for name, run in results["runs"].items():
-        ratio = "1.0" if name == "dense" else f"{run.get('target_param_ratio', run['param_ratio']):.3f}"
+        ratio = "1.0" if name == "dense" else f"{run.get('param_ratio_all_linears', run['param_ratio']):.3f}"
         wiki = f"{run['wiki_ppl']:.2f}" + (f" ({run['wiki_ppl'] / dense['wiki_ppl']:.3f})" if dense else "")
         sotu = f"{run['sotu_ppl']:.2f}" + (f" ({run['sotu_ppl'] / dense['sotu_ppl']:.3f})" if dense else "")
         wall = " / ".join(f"{run[k]:.0f} s" if k in run else "–" for k in ("compress_seconds", "recover_seconds"))

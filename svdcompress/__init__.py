@@ -23,8 +23,15 @@ from svdcompress.config import (
     WhitenConfig,
     preset,
 )
-from svdcompress.methods.importance import compute_importance
+from svdcompress.finetune import FinetuneConfig, finetune_, freeze_layers
 from svdcompress.modules import LowRankLinear
+from svdcompress.protect import (
+    build_conflict_benchmark,
+    compress_qko,
+    compress_qko_importance,
+    compute_importance,
+    measure_knowledge,
+)
 from svdcompress.quantize import quantize_factors_, quantize_weights_
 from svdcompress.runtime import set_runtime
 from svdcompress.zoo import load_model
@@ -34,17 +41,24 @@ __all__ = [
     "Calibration",
     "CompressionConfig",
     "CompressionReport",
+    "FinetuneConfig",
     "FisherConfig",
     "ImportanceConfig",
     "LowRankLinear",
     "SVDConfig",
     "WhitenConfig",
     "__version__",
+    "build_conflict_benchmark",
     "compress_",
+    "compress_qko",
+    "compress_qko_importance",
     "compute_importance",
     "export_dense",
+    "finetune_",
+    "freeze_layers",
     "load",
     "load_model",
+    "measure_knowledge",
     "preset",
     "quantize_factors_",
     "quantize_weights_",

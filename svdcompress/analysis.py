@@ -94,15 +94,20 @@ _HEAD_CHUNK = 512  # token rows per lm_head call: bounds the (rows, vocab) tempo
 # Pure helpers
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, *, strict: bool = True) -> str:
     """A short hash of the architecture, config and a strided sample of every tensor.
 
     Sampling (≤1024 values per tensor) keeps it fast on large models while any real change of
-    weights — another checkpoint, a compressed copy — changes the hash.
+    weights — another checkpoint, a compressed copy — changes the hash. ``strict=False`` leaves
+    out what says how the weights were loaded or saved rather than what they are (the dtype:
+    samples are compared as float32; ``architectures``, which ``save_pretrained`` fills in), so the
+    same model built in memory, saved and reloaded, or loaded in bfloat16 matches: how
+    ``compress_`` records the original model for ``recover``.
     """
     digest = hashlib.sha256(type(model).__name__.encode())
     config = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "compression_config"):
+    ignored = ("_name_or_path", "transformers_version", "compression_config")
+    for key in ignored if strict else (*ignored, "dtype", "torch_dtype", "architectures"):
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():

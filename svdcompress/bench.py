@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +46,29 @@ from torch import nn
 
 from svdcompress.errors import ConfigError, SvdCompressError
 
-__all__ = ["SCHEMA", "BenchError", "BenchSettings", "format_table", "measure_model", "run_bench", "weight_bytes"]
+__all__ = ["SCHEMA", "BenchError", "BenchSettings", "PeakRSS", "format_table", "measure_model", "run_bench", "weight_bytes"]
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 50 ms in a thread (the
+    process's own high-water mark would include the runs before this one)."""
+
+    def __enter__(self) -> PeakRSS:
+        self._process, self._stop = psutil.Process(), threading.Event()
+        self._start = self._peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth_mb = (max(self._peak, self._process.memory_info().rss) - self._start) / 2**20
+
 
 logger = logging.getLogger(__name__)
 

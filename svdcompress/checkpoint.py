@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,23 +28,74 @@ from svdcompress.errors import CheckpointError
 from svdcompress.linalg import SUPPORTED_QUANT_BITS
 from svdcompress.modules import LowRankLinear, tensor_layout
 
-__all__ = ["export_dense", "is_compressed_checkpoint", "load", "save"]
+__all__ = ["clear_stale_temporaries", "export_dense", "is_compressed_checkpoint", "load", "save"]
 
 logger = logging.getLogger(__name__)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _owner_tag() -> str:
+    """Who writes a temporary folder: host and pid, so a later run can tell a dead writer's."""
+    return f"{_HOST}.{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def clear_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what killed writers of ``out_dir`` left beside it; returns what was cleared.
+
+    A killed write leaves ``.NAME.tmp-HOST.PID-*`` (never a partial ``NAME``: the folder appears
+    only by a rename once complete). Only leftovers of this host whose process is gone are
+    touched, so a concurrent writer's folder is safe. A writer killed in the instant between moving
+    the old ``NAME`` aside (``.NAME.old-HOST.PID``) and moving the new one in leaves no ``NAME``:
+    the complete old folder is then moved back.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-{re.escape(_HOST)}\.(\d+)(-.*)?$")
+    cleared = []
+    for entry in sorted(out_dir.parent.iterdir()):
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not out_dir.exists():
+            os.replace(entry, out_dir)
+            logger.warning("restored %s from %s (a write was killed mid-rename)", out_dir, entry.name)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        cleared.append(entry)
+    if cleared:
+        logger.info("removed %d leftover(s) of killed writes beside %s", len(cleared), out_dir)
+    return cleared
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | Path, *, overwrite: bool = False):
-    """Yield a temporary folder that replaces ``out_dir`` only if the block completes."""
+    """Yield a temporary folder that replaces ``out_dir`` only if the block completes.
+
+    Leftovers of earlier writers of ``out_dir`` that were killed are cleared first.
+    """
     out_dir = Path(out_dir)
+    clear_stale_temporaries(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; choose another folder or pass overwrite.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_owner_tag()}-", dir=out_dir.parent))
     try:
         yield tmp
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name}.old-{_owner_tag()}")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old)
@@ -59,13 +112,25 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
 
     ``extra_files`` (name -> text, e.g. a report) are written into the folder before it appears.
     """
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+    try:
+        with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+    except OSError as err:  # the temporary folder is gone already (atomic_folder's cleanup)
+        raise write_error(out_dir, err) from err
     return Path(out_dir)
+
+
+def write_error(out_dir: str | Path, err: OSError) -> CheckpointError:
+    """A failed write (no permission, a full disk) as one line that names the folder and the fix."""
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    return CheckpointError(
+        f"could not write {out_dir}: {reason}. Nothing was written; free some space or choose a "
+        "writable folder (--out)."
+    )
 
 
 def is_compressed_checkpoint(path: str | Path) -> bool:

@@ -251,6 +251,19 @@ def _as_calibration(calibration) -> Calibration | None:
     )
 
 
+def _check_token_ids(model: nn.Module, calibration: Calibration | None) -> None:
+    """Token ids outside the vocabulary would end in an IndexError deep inside the embedding."""
+    if calibration is None or calibration.windows.numel() == 0:
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(calibration.windows.min()), int(calibration.windows.max())
+    if low < 0 or high >= vocab:
+        raise CalibrationError(
+            f"calibration windows hold token id {high if high >= vocab else low}, outside the "
+            f"model's vocabulary of {vocab}; tokenize the text with this model's tokenizer."
+        )
+
+
 def compress_(
     model: nn.Module,
     config: CompressionConfig,
@@ -266,6 +279,7 @@ def compress_(
     """
     start = time.perf_counter()
     calibration = _as_calibration(calibration)
+    _check_token_ids(model, calibration)
     targets = find_targets(model, config.targets, config.exclude)
     excluded = _excluded(model, config, targets)  # before the swap: afterwards a role may be gone
     ranks = resolve_ranks(config, targets)
@@ -276,6 +290,7 @@ def compress_(
             "calibration windows: compress_(model, config, calibration=token_windows(...))."
         )
     _check_finite(model, targets)
+    base = _base_model(model)  # before anything changes: what the original was, by name and weights
     params_before = stored_numbers(model)
     method = get_method(config)
     extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
@@ -307,19 +322,35 @@ def compress_(
         "calibration": report.calibration,
         "importance": None if importance is None else importance.source,
         "library_version": __version__,
+        **base,
     })
     logger.info("compressed %d modules: %s", len(targets), report.summary())
     return report
 
 
+def _base_model(model: nn.Module) -> dict[str, str]:
+    """What is known of the original model: the spec it was loaded from (``load_model`` records it;
+    otherwise the folder or hub id transformers read it from) and a fingerprint of its weights, so
+    ``recover`` can check that the teacher it is given is that model. Nothing for a model that was
+    already compressed (its first compression recorded the original)."""
+    if getattr(model.config, "compression_config", None):
+        return {}
+    spec = getattr(model, "svdcompress_spec", None) or getattr(model.config, "_name_or_path", "")
+    from svdcompress.analysis import model_fingerprint  # lazy: analysis imports half the package
+
+    return {**({"base_model": str(spec)} if spec else {}),
+            "base_fingerprint": model_fingerprint(model, strict=False)}
+
+
 def _merged_compression_config(model: nn.Module, latest: dict) -> dict:
     """A second ``compress_`` on the same model keeps the first one's modules (the checkpoint must
-    rebuild all of them) and moves its settings to ``history``."""
+    rebuild all of them), its base model, and moves its settings to ``history``."""
     previous = getattr(model.config, "compression_config", None)
     if not previous:
         return latest
     earlier = {k: v for k, v in previous.items() if k not in ("modules", "history")}
-    return {**latest, "modules": {**previous.get("modules", {}), **latest["modules"]},
+    base = {k: previous[k] for k in ("base_model", "base_fingerprint") if k in previous}
+    return {**latest, **base, "modules": {**previous.get("modules", {}), **latest["modules"]},
             "history": [*previous.get("history", []), earlier]}
 
 

@@ -43,6 +43,8 @@ _CONFIG_TYPES: dict[str, type[CompressionConfig]] = {}
 
 
 def _check_ratio(name: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ConfigError(f"{name}={value!r} must be a number in (0, 1], e.g. 0.8.")
     if value is not None and not (0.0 < value <= 1.0 and math.isfinite(value)):
         raise ConfigError(f"{name}={value} is outside (0, 1]; it is a fraction of what is kept.")
 
@@ -258,14 +260,21 @@ def load_recipe(path: str | Path) -> CompressionConfig:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist.")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"recipe {path} is not valid JSON ({err}); fix the file.") from None
+    except Exception as err:  # yaml.YAMLError and friends
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"recipe {path} is not valid YAML ({reason}); fix the file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must hold a mapping of settings, got {type(data).__name__}")
+    data.pop("provenance", None)  # who wrote the file (svdcompress.provenance), not a setting
     return config_from_dict(data)
 
 

@@ -37,8 +37,10 @@ import bz2
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import shutil
 import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
@@ -64,8 +66,10 @@ __all__ = [
     "TEXT_SOURCES",
     "Fact",
     "TextSource",
+    "all_facts",
     "assign_splits",
     "bigbench_file",
+    "check_window_request",
     "corpus_summary",
     "load_corpus",
     "load_documents",
@@ -310,7 +314,11 @@ def corpus_summary(name: str) -> dict[str, dict[str, int]]:
 # Token windows
 
 
-def _check_window_request(seq_len: int, n_samples: int, max_positions: int | None) -> None:
+def check_window_request(seq_len: int, n_samples: int, max_positions: int | None = None, *,
+                         source: str | None = None) -> None:
+    """Refuse a window request that can never work, before anything slow (a model load) runs."""
+    if source is not None:
+        _source(source)
     if seq_len <= 0:
         raise DatasetError(f"seq_len (--seq-len) must be a positive number of tokens, got {seq_len}")
     if n_samples <= 0:
@@ -350,8 +358,9 @@ def token_windows(
     ``max_positions`` (the model's context length, when known) rejects a ``seq_len`` the model
     cannot attend over. Raises :class:`DatasetError` when the split has too few tokens.
     """
-    _check_window_request(seq_len, n_samples, max_positions)
-    stream = _token_stream(tokenizer, load_documents(name, split))
+    check_window_request(seq_len, n_samples, max_positions, source=name)
+    texts = load_documents(name, split)
+    stream = _token_stream(tokenizer, texts) if texts else []  # an empty source is refused below
     available = len(stream) // seq_len
     if n_samples > available:
         raise DatasetError(
@@ -374,6 +383,10 @@ BIGBENCH_FILES = (
     "truthful_qa/task_mc.json",
     "truthful_qa/questions.json",
     "general_knowledge/task.json",
+    "misconceptions/task.json",
+    "goal_step_wikihow/step_inference/task.json",
+    "natural_instructions/subtask047_misc_answering_science_questions/task.json",
+    "natural_instructions/subtask033_winogrande_answer_generation/task.json",
 )
 
 
@@ -395,20 +408,36 @@ def _extract_bigbench(archive: Path, dest: Path) -> None:
         raise DatasetError(f"{archive.name} lacks {', '.join(missing)}; delete it to re-fetch")
 
 
+def _bigbench_folder() -> Path:
+    """The folder of kept BIG-bench files, (re-)extracted when any file of the list is missing.
+
+    A folder extracted by an older version, with fewer :data:`BIGBENCH_FILES`, or one whose file
+    was deleted, is replaced as a whole (never left incomplete).
+    """
+    folder = cache_subdir("datasets") / f"bigbench-{_BIGBENCH[1]}"
+    missing = [name for name in BIGBENCH_FILES if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    archive = fetch_pypi(*_BIGBENCH, source=True)
+    if folder.exists():
+        logger.info("%s lacks %s; extracting the task files again", folder, ", ".join(missing))
+        stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+        os.replace(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    logger.info("extracting BIG-bench task files from %s (once)", archive.name)
+    try:
+        with atomic_directory(folder) as tmp:
+            _extract_bigbench(archive, tmp)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        raise DatasetError(f"could not read {archive}: {err}; delete it to re-fetch") from err
+    return folder
+
+
 def bigbench_file(relative: str) -> Path:
     """Path of one kept BIG-bench file (see :data:`BIGBENCH_FILES`), extracting them on first use."""
     if relative not in BIGBENCH_FILES:
         raise DatasetError(f"{relative!r} is not kept; available: {', '.join(BIGBENCH_FILES)}")
-    folder = cache_subdir("datasets") / f"bigbench-{_BIGBENCH[1]}"
-    if not folder.is_dir():
-        archive = fetch_pypi(*_BIGBENCH, source=True)
-        logger.info("extracting BIG-bench task files from %s (once)", archive.name)
-        try:
-            with atomic_directory(folder) as tmp:
-                _extract_bigbench(archive, tmp)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-            raise DatasetError(f"could not read {archive}: {err}; delete it to re-fetch") from err
-    return folder / relative
+    return _bigbench_folder() / relative
 
 
 @dataclass(frozen=True)
@@ -437,6 +466,13 @@ def _all_facts() -> list[Fact]:
     return [Fact(p, a[0], tuple(a[1:])) for p, a in sorted(merged.items()) if a]
 
 
+def all_facts() -> list[tuple[Fact, str]]:
+    """Every de-duplicated ``qa_wikidata`` fact with its split (``calib`` or ``eval``), in prompt order."""
+    facts = _all_facts()
+    splits = assign_splits([f.prompt for f in facts])
+    return [(f, splits[f.prompt]) for f in facts]
+
+
 def load_facts(n: int = 300, seed: int = 0, *, split: str = "eval") -> list[Fact]:
     """A fixed subset of ``n`` BIG-bench ``qa_wikidata`` facts from one split.
 
@@ -448,9 +484,7 @@ def load_facts(n: int = 300, seed: int = 0, *, split: str = "eval") -> list[Fact
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    facts = _all_facts()
-    splits = assign_splits([f.prompt for f in facts])
-    pool = [f for f in facts if splits[f.prompt] == split]
+    pool = [f for f, where in all_facts() if where == split]
     if not 0 < n <= len(pool):
         raise DatasetError(
             f"n must be between 1 and {len(pool)} facts for split {split!r}, got {n}"

@@ -18,6 +18,7 @@ __all__ = [
     "ModelNotFoundError",
     "QuantizationError",
     "SvdCompressError",
+    "TaskError",
 ]
 
 
@@ -59,3 +60,7 @@ class AnalysisError(SvdCompressError):
 
 class QuantizationError(SvdCompressError, ValueError):
     """A matrix cannot be quantized (it holds NaN or inf); the message names the module."""
+
+
+class TaskError(SvdCompressError):
+    """An evaluation task is unknown, its settings are invalid, or lm-eval is not installed."""

@@ -392,6 +392,7 @@ def recover_(
     first_step = _load_state(state_dir, meta["fingerprint"], run.optimizer, params)[0] if resume else 0
     if first_step:
         logger.info("resuming recovery at step %d of %d", first_step, settings.steps)
+    run.snapshot.take(first_step)  # after loading: a NaN on the first resumed step restores these
     with torch.enable_grad():
         steps_run, stopped = run.train(first_step, progress)
     _freeze_except(student, {})

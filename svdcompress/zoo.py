@@ -291,14 +291,32 @@ def _hub_cached(hub_id: str) -> bool:
 def _from_pretrained(
     source: str, dtype: torch.dtype, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    # safetensors only: never a pickle (hub repositories without safetensors are refused too)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    """Weights are read from safetensors only: a pickle can run code when it is opened."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} holds its weights only as pickles ({', '.join(pickles[:3])}), which "
+            "svdcompress never opens (unpickling can run code). Convert them to safetensors "
+            "(model.save_pretrained(folder, safe_serialization=True) where you trust the file)."
+        )
 
 
 def _load_folder(
     folder: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _refuse_pickles(folder)
     try:
         return _from_pretrained(str(folder), dtype)
     except (
@@ -375,4 +393,5 @@ def load_model(
     else:
         model, tokenizer = _load_hub(resolved, dtype)
     logger.info("loaded %s (%s)", spec, type(model).__name__)
+    model.svdcompress_spec = spec  # compress_ records it as the checkpoint's base_model
     return model.to(device).eval(), tokenizer

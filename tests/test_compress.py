@@ -158,18 +158,49 @@ def test_nan_weight_is_refused_naming_the_module(tiny_llama):
         sc.compress_(tiny_llama, sc.SVDConfig(param_ratio=0.5))
 
 
-def test_importance_keeps_directions_that_matter_for_the_facts(tiny_llama, tiny_windows):
-    from svdcompress.methods.gradients import windows_as_batches
-    from svdcompress.methods.importance import importance_scores
+FACTS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"),
+         ("Chad", "Ndjamena"), ("Cuba", "Havana")]
 
+
+def _fact_gradients(model, tokenizer, facts, names):
+    """∂(fact loss)/∂W for each named module, computed here independently of the library."""
+    from svdcompress.methods.importance import fact_batches
+
+    model.zero_grad()
+    for ids, mask, labels in fact_batches(tokenizer, facts, 8):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = {n: model.get_submodule(n).weight.grad.detach().double().clone() for n in names}
+    model.zero_grad()
+    return grads
+
+
+def test_importance_keeps_the_directions_the_facts_gradients_prefer(tiny_llama, char_tokenizer):
+    from svdcompress.datasets import Fact
+    from svdcompress.methods.importance import compute_importance
+    from svdcompress.modules import dense_weight
+
+    facts = [Fact(f"The capital of {country} is", city) for country, city in FACTS]
     names = [t.name for t in find_targets(tiny_llama, ("qko",))]
-    scores = importance_scores(tiny_llama, names, windows_as_batches(tiny_windows, 2), source="test")
-    assert set(scores.fisher) == set(names)
-    assert all((s >= 0).all() for s in scores.taylor.values())
+    original = {n: dense_weight(tiny_llama.get_submodule(n)).detach().double() for n in names}
+    grads = _fact_gradients(tiny_llama, char_tokenizer, facts, names)
+    scores = compute_importance(tiny_llama, char_tokenizer, facts, targets=("qko",), source="test")
     config = sc.ImportanceConfig(rank_ratio=0.5, targets=("qko",), storage="dense")
-    report = sc.compress_(tiny_llama, config, importance=scores)
+    sc.compress_(tiny_llama, config, importance=scores)
     assert tiny_llama.config.compression_config["importance"] == "test"
-    assert len(report.modules) == len(names)
+    not_sigma_order = 0
+    for name in names:
+        u, s, vh = torch.linalg.svd(original[name], full_matrices=False)
+        # |σᵢ uᵢᵀ G vᵢ|: the first-order change of the fact loss when direction i is dropped
+        expected = (s * (u * (grads[name] @ vh.T)).sum(dim=0)).abs()
+        got = scores.taylor[name].double()
+        assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.999, name
+        rank = tiny_llama.get_submodule(name).rank
+        keep = torch.topk(expected, rank).indices
+        kept = (u[:, keep] * s[keep]) @ vh[keep]  # the directions the gradients prefer
+        assert torch.allclose(dense_weight(tiny_llama.get_submodule(name)).double(), kept,
+                              rtol=1e-4, atol=1e-6), name
+        not_sigma_order += set(keep.tolist()) != set(range(rank))
+    assert not_sigma_order > 0  # on these facts the choice is not plain truncated SVD
 
 
 def test_recipe_round_trip(tmp_path):

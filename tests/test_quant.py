@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from conftest import make_char_tokenizer, make_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdcompress as sc
 from svdcompress.errors import CheckpointError, ConfigError, QuantizationError
@@ -175,11 +177,43 @@ def test_to_dense_uses_dequantized_factors():
     torch.testing.assert_close(dense(x), _dequantized_reference(module, x), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_module_does_not_materialize_dense_weight(monkeypatch):
-    module, _ = _int8_module("factored")
-    module.kernel = "dequant"
-    monkeypatch.setattr(LowRankLinear, "dense_weight", lambda self: pytest.fail("built W"))
-    module(torch.randn(2, 48))
+class _Temporaries(TorchDispatchMode):
+    """Every tensor any aten op produces, however it is reached (not one patched method)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[str, tuple[int, ...], int]] = []  # (op, shape, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((str(func), tuple(t.shape), t.numel() * t.element_size()))
+        return out
+
+
+@pytest.mark.parametrize("kernel", [*EXACT_KERNELS, *ACT_KERNELS])
+def test_int8_module_never_builds_the_dense_weight(kernel):
+    """No op of a forward pass produces a tensor as large as W (40×48), by any route. The
+    ``dequant`` kernel does cast each int8 factor to float on every call: a transient of
+    4·r·(m+n) bytes per module (4× the module's int8 codes; here 2,112 B against W's 7,680 B;
+    2.4 MB for SmolLM2's largest module at rank 288), freed after the call, one module at a time.
+    That is the price of running on any device and dtype, and small next to the activations."""
+    if kernel not in available_kernels():
+        pytest.skip(f"{kernel} not available here")
+    module, _ = _int8_module("factored", bias=False)
+    module.kernel = kernel
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        module(x)  # packing kernels prepare their weights once, on the first call
+        with _Temporaries() as seen:
+            module(x)
+    out, inp, rank = 40, 48, 12
+    largest = max(seen.made, key=lambda m: m[2])
+    assert all(math.prod(shape) < out * inp for _, shape, _ in seen.made), largest
+    if kernel == "dequant":
+        floats = sum(b for op, shape, b in seen.made if "_to_copy" in op and shape in ((out, rank), (rank, inp)))
+        assert floats == 4 * rank * (out + inp)
 
 
 def test_set_runtime_sets_every_int8_module(tiny_llama, tiny_windows):
@@ -381,10 +415,13 @@ def test_real_smollm2_int8_factors_reload_exactly_and_still_answer(smollm2, tmp_
         logits[kernel] = _logits(loaded, prompt)
     set_runtime(model, "dequant")
     assert torch.equal(logits["dequant"], _logits(model, prompt))
-    # Activation-quantizing kernels run, but are not asserted close: on a short prompt their
-    # activation rounding moves SmolLM2's logits by 15-45 % even for the INT8 baseline, though
-    # the argmax mostly holds (BENCHMARKS.md, issue 4).
-    assert all(torch.isfinite(v).all() and v.shape == logits["dequant"].shape for v in logits.values())
+    # Activation-quantizing kernels round activations too: on a short prompt that moves
+    # SmolLM2's logits by 15-45 % even for the INT8 baseline (BENCHMARKS.md, issue 4). They must
+    # still agree with the exact kernel on the next token and stay within that error.
+    for kernel, value in logits.items():
+        assert torch.isfinite(value).all() and value.shape == logits["dequant"].shape, kernel
+        assert value[0, -1].argmax() == logits["dequant"][0, -1].argmax(), kernel
+        assert _rel(value, logits["dequant"]) < 0.6, kernel
     set_runtime(loaded, "auto")
     out = loaded.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])

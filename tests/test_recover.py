@@ -217,3 +217,94 @@ def test_recover_command_refuses_bad_input(tiny_checkpoint, extra, message):
 
     result = CliRunner().invoke(app, ["recover", str(tiny_checkpoint), *extra])
     assert result.exit_code == 2 and message in result.output
+
+
+# --- issue 15: resume and stops never lose or hide work; the teacher is checked by its weights -----
+
+
+def _nan_at_call(monkeypatch, nan_call: int):
+    """Make the ``nan_call``-th forward (1-based, counted from now) return a NaN loss."""
+    calls = {"n": 0}
+    forward = recover_module._forward_loss
+
+    def flaky(student, teacher, batch):
+        calls["n"] += 1
+        loss = forward(student, teacher, batch)
+        return loss * float("nan") if calls["n"] == nan_call else loss
+
+    monkeypatch.setattr(recover_module, "_forward_loss", flaky)
+
+
+def test_nan_on_the_first_resumed_step_restores_the_resumed_weights(windows, tmp_path, monkeypatch):
+    from svdcompress.recover import _read_model_tensors
+
+    teacher = make_tiny_model("llama")
+    settings = RecoverySettings(steps=6, lr=1e-2, batch_size=2, checkpoint_every=2)
+    state = tmp_path / "state"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            recover_(_student(), teacher, windows, settings, state_dir=state, progress=False)
+    saved = _read_model_tensors(state / "model")  # the trained weights of step 2
+    resumed = _student()
+    untrained = _factors(resumed)
+    _nan_at_call(monkeypatch, 1)
+    result = recover_(resumed, teacher, windows, settings, state_dir=state, resume=True,
+                      progress=False)
+    assert result.stopped == "nan-loss" and result.steps_run == 2
+    assert "restored the weights of step 2" in result.notes[0]
+    for name, value in _factors(resumed).items():
+        assert torch.equal(value, saved[name]), name  # the old code restored the untrained ones
+        assert not torch.equal(value, untrained[name]), name
+
+
+def _recover_args(checkpoint, *extra):
+    return ["recover", str(checkpoint), "--steps", "4", "--lr", "1e-2", "--batch-size", "2",
+            "--seq-len", "16", "--device", "cpu", *extra]
+
+
+def test_a_nan_stop_keeps_the_state_folder_to_inspect_or_resume(tiny_checkpoint, monkeypatch):
+    from svdcompress.cli import app
+
+    _nan_at_call(monkeypatch, 3)
+    result = CliRunner().invoke(app, _recover_args(tiny_checkpoint, "--checkpoint-every", "1"))
+    assert result.exit_code == 0, result.output
+    out = tiny_checkpoint.with_name("ckpt-recovered")
+    report = json.loads((out / "recovery_report.json").read_text())
+    assert report["stopped"] == "nan-loss" and report["steps_run"] == 2
+    state = out.with_name("ckpt-recovered.recovery-state")
+    assert json.loads((state / "state.json").read_text())["step"] == 2  # the old code deleted it
+    assert "kept in" in result.output
+
+
+def test_a_teacher_with_other_weights_is_refused(tiny_checkpoint, tmp_path):
+    from svdcompress.cli import app
+
+    impostor = tmp_path / "impostor"  # same type, vocabulary and depth; other weights
+    make_tiny_model("llama", seed=7).save_pretrained(impostor)
+    make_char_tokenizer().save_pretrained(impostor)
+    result = CliRunner().invoke(app, _recover_args(tiny_checkpoint, "--base", str(impostor)))
+    assert result.exit_code == 2 and "weights fingerprint differs" in result.output
+    assert not tiny_checkpoint.with_name("ckpt-recovered").exists()
+
+
+def test_a_library_checkpoint_records_its_base_model_so_recover_needs_no_base(tmp_path, monkeypatch):
+    from svdcompress import datasets
+    from svdcompress.analysis import model_fingerprint
+    from svdcompress.cli import app
+    from svdcompress.zoo import load_model
+
+    base = tmp_path / "base"
+    make_tiny_model("llama").save_pretrained(base)
+    make_char_tokenizer().save_pretrained(base)
+    model, tokenizer = load_model(str(base))
+    fingerprint = model_fingerprint(model, strict=False)
+    compress_(model, SVDConfig(param_ratio=0.5, targets=("mlp",)))
+    compress_(model, SVDConfig(rank=4, targets=("q_proj",)))  # a second pass keeps the original
+    recorded = model.config.compression_config
+    assert recorded["base_model"] == str(base) and recorded["base_fingerprint"] == fingerprint
+    save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    corpus = [{"title": f"t{i}", "text": "plain words for a tiny model " * 20} for i in range(12)]
+    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpus)
+    result = CliRunner().invoke(app, _recover_args(tmp_path / "ckpt"))
+    assert result.exit_code == 0, result.output

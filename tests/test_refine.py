@@ -109,8 +109,13 @@ def test_nan_statistics_count_as_divergence():
     weight, _, xd = _layer(6)
     gram = xd.T @ xd
     objective = LayerObjective(gram, weight @ gram, float("nan"))  # a broken normaliser
-    result = refine_factors(objective, truncated_svd(weight, 3), RefineSettings(iters=5))
-    assert result.iters_run <= 1
+    start = truncated_svd(weight, 3)
+    result = refine_factors(objective, start, RefineSettings(iters=5))
+    assert result.iters_run <= 1 and result.diverged
+    assert any("diverged" in note for note in result.factors.notes)
+    # what comes back is finite and exactly the starting factors: nothing NaN-tainted was kept
+    assert torch.isfinite(result.factors.left).all() and torch.isfinite(result.factors.right).all()
+    assert torch.equal(result.factors.left, start.left) and torch.equal(result.factors.right, start.right)
 
 
 # --- through compress_ on a tiny model -------------------------------------------------------------

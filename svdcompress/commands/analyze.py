@@ -26,6 +26,13 @@ def _parse_fractions(text: str) -> tuple[float, ...]:
         raise ConfigError(f"--fractions {text!r}: write comma-separated fractions, e.g. 0.7,0.35") from None
 
 
+def _check_budgets(ratios: tuple[float, ...]) -> None:
+    for ratio in ratios:
+        if not 0 < ratio <= 1:
+            raise ConfigError(f"--param-ratio {ratio} is outside (0, 1]; it is the fraction of the "
+                              "targeted parameters kept, e.g. 0.8.")
+
+
 def _diagnose(model, tokenizer, calibration, windows, configs: dict[str, Any]) -> dict[str, dict]:
     """Compress a copy of ``model`` with each config and compare it with the original."""
     from svdcompress.compress import compress_
@@ -114,9 +121,12 @@ def register(app: typer.Typer) -> None:
         with handle_errors():
             from svdcompress.commands.compress import _calibration, _split_list
             from svdcompress.config import WhitenConfig
-            from svdcompress.datasets import token_windows
+            from svdcompress.datasets import check_window_request, token_windows
             from svdcompress.zoo import load_model
 
+            parsed_fractions, ratios = _parse_fractions(fractions), tuple(param_ratio or [0.8])
+            _check_budgets(ratios)  # everything that needs no model is checked before one loads
+            check_window_request(seq_len, calib_samples, source=calib)
             loaded, tokenizer = load_model(model)
             calibration = _calibration(tokenizer, loaded, WhitenConfig(param_ratio=0.8), calib,
                                        calib_samples, seq_len, 0)
@@ -124,8 +134,8 @@ def register(app: typer.Typer) -> None:
                 tokenizer, calib, "eval", seq_len=seq_len, n_samples=eval_samples, seed=0)
             summary = run_analyze(
                 loaded, tokenizer, calibration, out, targets=_split_list(targets) or ("all-linear",),
-                exclude=_split_list(exclude) or (), fractions=_parse_fractions(fractions),
-                probe_samples=probe_samples, probe_len=probe_len, ratios=tuple(param_ratio or [0.8]),
+                exclude=_split_list(exclude) or (), fractions=parsed_fractions,
+                probe_samples=probe_samples, probe_len=probe_len, ratios=ratios,
                 min_rank=min_rank, rank_step=rank_step, diagnose=tuple(diagnose or ["allocated"]),
                 eval_windows=windows,
             )

@@ -99,6 +99,20 @@ def _importance(model, tokenizer, config, n_facts: int, seed: int):
     )
 
 
+def _check_before_loading(config: CompressionConfig, out: Path, *, overwrite: bool, calib: str,
+                          calib_samples: int, seq_len: int, n_facts: int,
+                          allocation: dict | None) -> None:
+    """Everything that needs no model is checked first: fail before minutes of loading."""
+    from svdcompress.datasets import check_window_request
+
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if config.uses_calibration or config.method == "svd" or allocation is not None:
+        check_window_request(seq_len, calib_samples, source=calib)
+    if config.method == "importance" and n_facts < 1:
+        raise ConfigError(f"--facts {n_facts}: the importance method needs at least 1 fact prompt.")
+
+
 def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib: str,
                  calib_samples: int, seq_len: int, n_facts: int, overwrite: bool,
                  allocation: dict | None = None) -> dict:
@@ -106,8 +120,8 @@ def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib
     from svdcompress.compress import compress_
     from svdcompress.zoo import load_model
 
-    if out.exists() and not overwrite:  # fail before minutes of work, not after
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
+    _check_before_loading(config, out, overwrite=overwrite, calib=calib, calib_samples=calib_samples,
+                          seq_len=seq_len, n_facts=n_facts, allocation=allocation)
     model, tokenizer = load_model(model_spec)
     calibration = None
     if config.uses_calibration or config.method == "svd":

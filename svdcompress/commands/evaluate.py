@@ -1,4 +1,5 @@
-"""``svdcompress eval``: perplexity, fact recall and (optionally) fidelity and generation quality."""
+"""``svdcompress eval``: perplexity, fact recall, optional benchmark tasks (lm-eval), fidelity and
+generation quality; with a reference, per-item paired statistics."""
 
 from __future__ import annotations
 
@@ -16,25 +17,73 @@ __all__ = ["register", "render_table", "run_eval"]
 _NONE = ("", "none", "off")
 
 
+def _check_tasks(tasks: str | None, limit: int | None) -> list[str]:
+    """Task names to run, checked before any model is loaded (fail fast on a typo)."""
+    from svdcompress.errors import TaskError
+
+    if not tasks:
+        if limit is not None:
+            raise TaskError("--limit applies to --tasks; give --tasks too (e.g. --tasks mmlu)")
+        return []
+    from svdcompress.tasks import check_task_request
+
+    return check_task_request(tasks, limit)
+
+
+def _paired(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Per-item paired comparisons (model − reference) of the task scores and fact recall."""
+    from svdcompress.stats import mcnemar_exact
+
+    paired: dict[str, Any] = {}
+    if "tasks" in result and "tasks" in reference:
+        from svdcompress.tasks import compare_task_results
+
+        paired.update(compare_task_results(result["tasks"], reference["tasks"]))
+    if "facts" in result and "facts" in reference:
+        hits = [[float(h["correct"]) for h in r["facts"]["hits"]] for r in (reference, result)]
+        paired["facts"] = {"metric": "accuracy", **mcnemar_exact(*hits).to_dict()}
+    return paired
+
+
 def run_eval(
     model_spec: str,
     *,
     reference_spec: str | None = None,
+    tasks: str | None = None,
+    limit: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Load the model (and reference) and run :func:`svdcompress.evaluate.evaluate_model`."""
+    """Load the model (and reference) and run :func:`svdcompress.evaluate.evaluate_model`, plus the
+    benchmark ``tasks`` (comma-separated, :func:`svdcompress.tasks.evaluate_tasks`) when given.
+
+    With a reference, both are measured the same way and the per-item paired comparisons go to
+    ``result["paired"]``.
+    """
     import torch
 
     from svdcompress import __version__
     from svdcompress.evaluate import evaluate_model
     from svdcompress.zoo import load_model
 
+    task_names = _check_tasks(tasks, limit)
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec)
     reference, reference_tokenizer = load_model(reference_spec) if reference_spec else (None, None)
     result = evaluate_model(model, tokenizer, reference=reference, **settings)
+    batch_size = settings.get("batch_size", 8)
+    if task_names:
+        from svdcompress.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(
+            model, tokenizer, task_names, limit=limit, batch_size=batch_size
+        )
     if reference is not None:  # the same measurements of the original, for side-by-side columns
         result["reference"] = evaluate_model(reference, reference_tokenizer, **settings)
+        if task_names:
+            result["reference"]["tasks"] = evaluate_tasks(
+                reference, reference_tokenizer, task_names, limit=limit, batch_size=batch_size
+            )
+        result["paired"] = _paired(result, result["reference"])
     result["run"] = {
         "model_spec": model_spec,
         "reference_spec": reference_spec,
@@ -77,6 +126,10 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"logit cosine {fid['cosine']:.4f}, MSE {fid['mse']:.4g}",
             )
         )
+    for name, task in result.get("tasks", {}).get("tasks", {}).items():
+        detail = (f"{task['n']} items, chance {task['chance']:.1%}, "
+                  f"{task['elapsed_s']:.0f} s (lm-eval)")
+        rows.append((f"{name} ({task['metric']})", f"{task['score']:.1%}", detail))
     if "generation" in result:
         gen = result["generation"]
         rows.append(
@@ -117,12 +170,26 @@ def render_table(result: dict[str, Any]) -> Any:
         ratios = {label: f"{result[key]['perplexity'] / reference[key]['perplexity']:.3f}"
                   for label, key in _PERPLEXITY_ROWS.items() if key in result and key in reference}
     table.add_column("measured on")
+    paired = _paired_details(result.get("paired", {}))
     for label, value, detail in _rows(result):
         if reference is None:
             table.add_row(label, value, detail)
         else:
+            detail = paired.get(label.split(" (")[0], detail)
             table.add_row(label, value, reference_values.get(label, ""), ratios.get(label, ""), detail)
     return table
+
+
+def _paired_details(paired: dict[str, Any]) -> dict[str, str]:
+    """Row label -> "Δ +1.2 pts [−0.5, +2.9] vs reference, mcnemar-exact p=0.21, n=251"."""
+    details = {}
+    for name, cmp in paired.items():
+        details["fact recall" if name == "facts" else name] = (
+            f"Δ {100 * cmp['difference']:+.1f} pts [{100 * cmp['ci_low']:+.1f}, "
+            f"{100 * cmp['ci_high']:+.1f}] vs reference, {cmp['test']} p={cmp['p_value']:.2g}, "
+            f"n={cmp['n']}"
+        )
+    return details
 
 
 def register(app: typer.Typer) -> None:
@@ -156,12 +223,22 @@ def register(app: typer.Typer) -> None:
         generation: Annotated[
             bool, typer.Option(help="also score greedy generations for repetition")
         ] = False,
+        tasks: Annotated[
+            str | None,
+            typer.Option(help="benchmark tasks through lm-eval, comma-separated or 'all' "
+                         "(truthfulqa_mc1, truthfulqa_mc2, arc_style, winogrande_style, "
+                         "hellaswag_style, mmlu, mmlu_cloze, general_knowledge, misconceptions)"),
+        ] = None,
+        limit: Annotated[
+            int | None, typer.Option(help="score only N items of each task (a fixed random subset)")
+        ] = None,
         batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 8,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="also write the full result here")
         ] = None,
     ) -> None:
-        """Measure MODEL: held-out perplexity, second-domain perplexity, fact recall."""
+        """Measure MODEL: held-out perplexity, second-domain perplexity, fact recall, and the
+        benchmark --tasks; with --reference, side by side with per-item paired statistics."""
         from rich.console import Console
 
         from svdcompress.fetch import atomic_write_json
@@ -178,6 +255,8 @@ def register(app: typer.Typer) -> None:
                 facts=facts,
                 generation=generation,
                 batch_size=batch_size,
+                tasks=tasks,
+                limit=limit,
             )
             Console().print(render_table(result))
             if json_out is not None:

@@ -28,7 +28,13 @@ def _device(choice: str):
 
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {choice!r}: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {choice}: this machine has no CUDA device; use cpu or auto.")
+    return device
 
 
 def _base_spec(student, base: str | None) -> str:
@@ -44,6 +50,19 @@ def _base_spec(student, base: str | None) -> str:
 
 
 def _check_pair(student, teacher, base: str) -> None:
+    """The teacher must be the model the checkpoint was compressed from: by its weights when the
+    checkpoint recorded their fingerprint, else (older checkpoints) by type, vocabulary and depth."""
+    from svdcompress.analysis import model_fingerprint
+
+    recorded = (getattr(student.config, "compression_config", None) or {}).get("base_fingerprint")
+    if recorded is not None:
+        if model_fingerprint(teacher, strict=False) != recorded:
+            raise ConfigError(
+                f"the base model {base!r} is not the model this checkpoint was compressed from: its "
+                f"weights fingerprint differs from the recorded {recorded}. Pass --base with the "
+                "original model."
+            )
+        return
     s, t = student.config, teacher.config
     if (s.model_type, s.vocab_size, s.num_hidden_layers) != (t.model_type, t.vocab_size, t.num_hidden_layers):
         raise ConfigError(
@@ -89,14 +108,17 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
                 n_windows: int | None, resume: bool, overwrite: bool, device: str) -> dict:
     """Load, distil, save; returns the summary written to ``recovery_report.json``."""
     from svdcompress.checkpoint import load, save
+    from svdcompress.datasets import check_window_request
     from svdcompress.recover import recover_
     from svdcompress.zoo import load_model
 
     state = state_folder(out)
     _check_folders(checkpoint, out, state, resume, overwrite)
-    student, tokenizer = load(checkpoint, device=_device(device))
+    device = _device(device)  # everything that needs no model is checked before one loads
+    check_window_request(seq_len, n_windows or settings.steps * settings.batch_size, source=data)
+    student, tokenizer = load(checkpoint, device=device)
     base = _base_spec(student, base)
-    teacher, _ = load_model(base, device=_device(device))
+    teacher, _ = load_model(base, device=device)
     _check_pair(student, teacher, base)
     n_windows = n_windows or settings.steps * settings.batch_size
     windows = _training_windows(tokenizer, student, data, seq_len, n_windows, settings.seed)
@@ -112,7 +134,13 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
     student.config.compression_config = compression
     save(student, out, tokenizer=tokenizer, overwrite=overwrite,
          extra_files=_extra_files(checkpoint, summary))
-    shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
+    if result.stopped == "completed":
+        shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
+    elif state.is_dir():  # a NaN or non-finite stop: keep the states to inspect or resume from
+        summary["notes"].append(
+            f"stopped early ({result.stopped}); the last periodic state is kept in {state} to "
+            "inspect, or to continue from with --resume (same settings) and --overwrite"
+        )
     return summary
 
 

@@ -1,0 +1,79 @@
+"""Where a published number came from: the command, the code version and the machine.
+
+Every results file under ``experiments/results/`` carries a ``provenance`` entry made by
+:func:`provenance` and is written with :func:`write_results` (atomically: a killed script never
+leaves half a file that a later run would trust).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from svdcompress.fetch import atomic_write_json
+
+__all__ = ["code_version", "provenance", "stamp_results", "write_results"]
+
+
+def code_version(repo: str | Path | None = None) -> dict[str, Any]:
+    """The git commit of the source tree (and whether it had uncommitted changes), when known."""
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    from svdcompress import __version__
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"package": __version__, "commit": commit,
+            "dirty": None if status is None else bool(status)}
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command that is running, the code version, library versions and the machine."""
+    import torch
+    import transformers
+
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "code_version": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(path: str | Path, data: dict[str, Any], *, argv: list[str] | None = None) -> Path:
+    """Write ``data`` with a fresh ``provenance`` entry as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**data, "provenance": provenance(argv)})
+    return path
+
+
+def stamp_results(path: str | Path, *, argv: list[str] | None = None) -> Path:
+    """Add (or refresh) the ``provenance`` entry of a JSON results file that a library call wrote
+    (an analysis cache, an allocation recipe), so the script that ran the call is named in it."""
+    import json
+
+    path = Path(path)
+    data = json.loads(path.read_text())
+    data.pop("provenance", None)
+    return write_results(path, data, argv=argv)
