@@ -118,7 +118,8 @@ def _run(name, variant, ratio, original, tokenizer, calibration, data, analysis,
     kept = report.total("params_after") + dense
     entry = {
         "variant": variant, "param_ratio": ratio,
-        "target_param_ratio": kept / (report.total("params_before") + dense),
+        "param_ratio_all_linears": kept / (report.total("params_before") + dense),
+        "param_ratio_factored_modules": report.target_param_ratio,
         "model_params": report.model_params_after, "dense_modules": len(config.exclude),
         "compress_seconds": round(report.wall_seconds, 1),
         **_evaluate(model, tokenizer, data),
@@ -158,7 +159,8 @@ def main() -> None:
     results, data = Results(args.out / "results.json"), _data(tokenizer, args)
     results.data["analysis_seconds"] = analysis.seconds
     if "dense" not in results:
-        results.add("dense", {"variant": "dense", "param_ratio": 1.0, "target_param_ratio": 1.0,
+        results.add("dense", {"variant": "dense", "param_ratio": 1.0, "param_ratio_all_linears": 1.0,
+                              "param_ratio_factored_modules": 1.0,
                               **_evaluate(model, tokenizer, data)})
     variants = (*VARIANTS, *ABLATIONS) if args.ablations else VARIANTS
     for ratio in args.ratios:

@@ -11,14 +11,17 @@ Trainer (``svdcompress.finetune``) and measured on the same items:
 - conditions: none, freeze50/75/90, compress (Q/K/O SVD at rank_ratio 0.7, dense storage, the
   ``cf90`` preset), cf90 (compress + freeze 75 %), cf90-90 (compress + freeze 90 %), lora8 and
   lora16 (peft adapters on Q/K/O, alpha = 2r, merged);
+- lora8-lr10x and lora16-lr10x: the same adapters at 10x the regime's learning rate (LoRA's usual
+  range; at 1e-5 the adapters barely move);
 - regimes: gentle (1 epoch, lr 1e-5, batch 4) and aggressive (3 epochs, lr 2e-5, batch 4);
 - seeds: the Trainer's seed (data order); the benchmark and the compression are deterministic.
 
 Experiment D (``--int8``): after gentle fine-tuning of none, cf90 and cf90-90, every decoder linear
 is quantized to INT8 (per-channel RTN, ``quantize_weights_``) and measured again.
 
-Every finished run is written to ``<out>/results.json`` at once (a rerun skips it), so the grid
-resumes after an interruption. ``--report`` (also run at the end) recomputes the statistics, the
+Every finished run is written at once to ``<out>/results.LANE[.shardK].json`` (one file per
+process; a rerun skips every run found in any of them), so the grid resumes after an interruption
+and several processes can share it (``--shard K/N``, or different ``--lane``s for different runs). ``--report`` (also run at the end) recomputes the statistics, the
 markdown table (``table.md``) and the plot from ``results.json`` alone.
 """
 
@@ -61,6 +64,10 @@ CONDITIONS: dict[str, dict] = {
     "cf90-90": {"compress": True, "freeze": 0.9},
     "lora8": {"lora_rank": 8},
     "lora16": {"lora_rank": 16},
+    # LoRA at the brief's learning rate barely moves (adapters start at zero): the same adapters at
+    # the 10x larger learning rate LoRA is usually run with, so the baseline is not a straw man.
+    "lora8-lr10x": {"lora_rank": 8, "lr_scale": 10.0},
+    "lora16-lr10x": {"lora_rank": 16, "lr_scale": 10.0},
 }
 REGIMES = {"gentle": {"epochs": 1.0, "lr": 1e-5}, "aggressive": {"epochs": 3.0, "lr": 2e-5}}
 INT8_CONDITIONS = ("none", "cf90", "cf90-90")
@@ -72,6 +79,8 @@ COMPARISONS = [
     ("CF90 retains more than unprotected fine-tuning (75 % vs 5 %)", "cf90", "none", "gentle"),
     ("CF90 retains more than LoRA r=8 (73 % vs 68 %)", "cf90", "lora8", "gentle"),
     ("CF90 retains more than LoRA r=16 (73 % vs 67 %)", "cf90", "lora16", "gentle"),
+    ("CF90 retains more than LoRA r=8 at a 10x learning rate", "cf90", "lora8-lr10x", "gentle"),
+    ("CF90 retains more than LoRA r=16 at a 10x learning rate", "cf90", "lora16-lr10x", "gentle"),
     ("freeze 90 % + compress beats freeze 75 % + compress (79-80 % vs 75 %)", "cf90-90", "cf90", "gentle"),
     ("freeze 90 % + compress beats freeze 90 % alone", "cf90-90", "freeze90", "gentle"),
     ("compression alone protects (vs none)", "compress", "none", "gentle"),
@@ -92,7 +101,7 @@ def load_results(path: Path) -> dict:
 
 
 def load_all_results(out: Path) -> dict:
-    """``results.json`` and every shard's ``results.shardK.json``, merged (runs never overlap)."""
+    """Every process's ``results.*.json``, merged (no two processes run the same entry)."""
     merged: dict = {}
     for path in sorted(out.glob("results*.json")):
         merged.update({k: v for k, v in load_results(path).items() if k != "provenance"})
@@ -139,7 +148,8 @@ def int8_copy(model):
 
 def run_grid(args) -> None:
     shard, n_shards = args.shard
-    results_path = args.out / ("results.json" if n_shards == 1 else f"results.shard{shard}.json")
+    # One file per process: processes running at once never write the same file.
+    results_path = args.out / f"results.{args.lane}{f'.shard{shard}' if n_shards > 1 else ''}.json"
     results = load_results(results_path)
     done = load_all_results(args.out)
     base, tokenizer = sc.load_model(args.model)
@@ -173,9 +183,11 @@ def run_grid(args) -> None:
             continue
         spec = CONDITIONS[condition]
         model = copy.deepcopy(compressed if spec.get("compress") else base)
+        regime_settings = REGIMES[regime]
         config = FinetuneConfig(
-            **REGIMES[regime], batch_size=4, seq_len=64, seed=seed,
-            freeze=spec.get("freeze", 0.0), lora_rank=spec.get("lora_rank"), device="cpu")
+            epochs=regime_settings["epochs"], lr=regime_settings["lr"] * spec.get("lr_scale", 1.0),
+            batch_size=4, seq_len=64, seed=seed, freeze=spec.get("freeze", 0.0),
+            lora_rank=spec.get("lora_rank"), device="cpu")
         with PeakRSS() as memory:
             model, ft = finetune_(model, tokenizer, records, config, progress=False)
         row = {
@@ -193,6 +205,49 @@ def run_grid(args) -> None:
         logger.info("%s: %s (%.0f s fine-tuning)", key, _short(row["knowledge"]),
                     ft.wall_seconds)
         del model
+
+
+def run_truthfulqa(args) -> None:
+    """TruthfulQA MC1/MC2 of the base model, the CF90-compressed model before fine-tuning, and
+    CF90 and freeze-75 after gentle fine-tuning (``--tqa-seeds``), all on the same questions."""
+    from svdcompress.tasks import evaluate_tasks
+
+    results_path = args.out / "truthfulqa.json"
+    results = load_results(results_path)
+    base, tokenizer = sc.load_model(args.model)
+    bench = benchmark_for(base, tokenizer, args)
+    models = [("base", None, None), ("compressed", None, None)]
+    models += [(f"{c}/gentle/seed{s}", c, s) for s in args.tqa_seeds for c in ("cf90", "freeze75")]
+    for name, condition, seed in models:
+        if name in results:
+            continue
+        spec = CONDITIONS.get(condition, {"compress": name == "compressed"})
+        model = copy.deepcopy(base)
+        if spec.get("compress"):
+            sc.compress_qko(model, 0.7)
+        if condition is not None:
+            config = FinetuneConfig(**REGIMES["gentle"], batch_size=4, seq_len=64, seed=seed,
+                                    freeze=spec.get("freeze", 0.0), device="cpu")
+            model, _ = finetune_(model, tokenizer, bench.training_records(), config, progress=False)
+        results[name] = evaluate_tasks(model, tokenizer, ["truthfulqa_mc1", "truthfulqa_mc2"],
+                                       limit=args.tqa_limit)
+        save_results(results_path, results)
+        logger.info("truthfulqa %s: mc2 %.4f", name, results[name]["tasks"]["truthfulqa_mc2"]["score"])
+
+
+def truthfulqa_summary(out: Path) -> dict | None:
+    from svdcompress.tasks import compare_task_results
+
+    results = {k: v for k, v in load_results(out / "truthfulqa.json").items() if k != "provenance"}
+    if "base" not in results:
+        return None
+    summary = {}
+    for name, result in results.items():
+        scores = {task: r["score"] for task, r in result["tasks"].items()}
+        summary[name] = {"scores": scores, "n": result["tasks"]["truthfulqa_mc2"]["n"]}
+        if name != "base":
+            summary[name]["vs_base"] = compare_task_results(result, results["base"])
+    return summary
 
 
 def _short(knowledge: dict) -> str:
@@ -296,11 +351,13 @@ def report(args) -> None:
                     "difference": test["difference"],
                     "p_seeds": test["paired_t_over_seeds"]["p_value"],
                     "p_facts": test["wilcoxon_over_facts"]["p_value"]}
+    truthfulqa = truthfulqa_summary(args.out)
     stats = {"summary": summary, "claims": tests, "all_pairs_retention": all_pairs,
+             "truthfulqa": truthfulqa,
              "tests": "paired t-test over seeds on per-seed retention; Wilcoxon signed-rank over "
                       "facts on each fact's share of seeds retained (same facts, same seeds)"}
     write_results(args.out / "stats.json", stats)
-    (args.out / "table.md").write_text(markdown(results, summary, tests))
+    (args.out / "table.md").write_text(markdown(results, summary, tests) + tqa_markdown(truthfulqa))
     plot(summary, args.out / "retention_vs_learning.png")
 
 
@@ -334,6 +391,13 @@ def markdown(results: dict, summary: dict, tests: list[dict]) -> str:
             f"{_fmt(e, 'collateral_retention')} | {_fmt(e, 'learning')} | {_fmt(e, 'perplexity', False)} | "
             f"{e['repetition_rate']['mean']:.3f} | {e['distinct_2']['mean']:.3f} | "
             f"{e['trainable_params'] / 1e6:.1f}M | {e['wall_seconds']:.0f} |")
+    runs = [r for r in results.values() if isinstance(r, dict) and "finetune" in r]
+    measured = [r["knowledge"]["measure_seconds"] for r in runs]
+    measured += [r["after_int8"]["measure_seconds"] for r in runs if "after_int8" in r]
+    lines += ["", f"{len(runs)} fine-tuning runs: {sum(r['finetune']['wall_seconds'] for r in runs) / 60:.0f} "
+              f"min of fine-tuning and {sum(measured) / 60:.0f} min of measuring (one torch thread "
+              "each, two runs at a time on 2 shared cores); a measurement takes "
+              f"{np.median(measured):.0f} s (median)."]
     int8 = [(k, e) for k, e in summary.items() if "after_int8" in e]
     if int8:
         lines += ["", "Experiment D (gentle fine-tuning, then INT8 of every decoder linear):", "",
@@ -358,6 +422,25 @@ def markdown(results: dict, summary: dict, tests: list[dict]) -> str:
             f"| {t['claim']} | {100 * r['difference']:+.1f} ({len(r['seeds'])} seeds) | "
             f"{r['paired_t_over_seeds']['p_value']:.2g} | {r['wilcoxon_over_facts']['p_value']:.2g} | "
             f"{100 * learn['difference']:+.1f} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _tqa_diff(c: dict | None) -> str:
+    if c is None:
+        return "–"
+    return f"{100 * c['difference']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}], p={c['p_value']:.2g}"
+
+
+def tqa_markdown(truthfulqa: dict | None) -> str:
+    if not truthfulqa:
+        return ""
+    lines = ["", "TruthfulQA (BIG-bench truthful_qa through lm-eval; paired on the same questions, "
+             "difference vs base, 95 % CI, McNemar for MC1, paired t for MC2):", "",
+             "| model | MC1 | MC2 | MC1 − base | MC2 − base |", "|---|---|---|---|---|"]
+    for name, entry in truthfulqa.items():
+        scores, vs = entry["scores"], entry.get("vs_base", {})
+        lines.append(f"| {name} | {100 * scores['truthfulqa_mc1']:.1f} | {100 * scores['truthfulqa_mc2']:.1f} | "
+                     f"{_tqa_diff(vs.get('truthfulqa_mc1'))} | {_tqa_diff(vs.get('truthfulqa_mc2'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -404,6 +487,13 @@ def main() -> None:
     parser.add_argument("--generation-tokens", type=int, default=48)
     parser.add_argument("--no-int8", dest="int8", action="store_false")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--truthfulqa", action="store_true",
+                        help="run the TruthfulQA MC1/MC2 stage instead of the grid")
+    parser.add_argument("--tqa-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tqa-limit", type=int, default=None)
+    parser.add_argument("--lane", default="main",
+                        help="name of this process's results file (results.LANE.json): give "
+                             "processes that run at the same time different lanes")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                         help="run only every N-th grid entry starting at K (parallel processes)")
     parser.add_argument("--report", action="store_true", help="only rebuild stats, table and plot")
@@ -413,7 +503,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report:
+    if args.truthfulqa:
+        run_truthfulqa(args)
+    elif not args.report:
         run_grid(args)
     report(args)
 

@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--ppl-samples", type=int, default=8)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table.md and sweep.png from results.json, run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -190,6 +192,16 @@ def main() -> None:
     if results["settings"] != settings:
         raise SystemExit(f"{path} was made with other settings {results['settings']}; "
                          "use another --out")
+    if not args.report_only:
+        run_all(results, path, args)
+    text = f"{table(results)}\n\n{head_to_head(results)}\n\n{correlations(results)}\n"
+    (args.out / "table.md").write_text(text)
+    plot(results, args.out / "sweep.png")
+    print(text)
+
+
+def run_all(results: dict, path: Path, args) -> None:
+    """Measure dense, then every run not yet in ``results``, saving after each one."""
     base, tokenizer = sc.load_model("smollm2-135m")
     if "dense" not in results["runs"]:
         results["runs"]["dense"] = {"compression": {"method": "dense", "rank_ratio": 1.0},
@@ -208,10 +220,6 @@ def main() -> None:
         results["runs"][name] = run
         write_results(path, results)
         logging.info("%s done in %.0f s", name, run["wall_s"])
-    text = f"{table(results)}\n\n{head_to_head(results)}\n\n{correlations(results)}\n"
-    (args.out / "table.md").write_text(text)
-    plot(results, args.out / "sweep.png")
-    print(text)
 
 
 if __name__ == "__main__":

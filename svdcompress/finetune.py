@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdcompress.devices import resolve_device
 from svdcompress.errors import ConfigError, DatasetError
 from svdcompress.targets import decoder_blocks, find_targets
 
@@ -316,18 +317,6 @@ def _check_resume(state_dir: Path, fingerprint: dict, resume: bool) -> None:
 # The run
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(choice)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {choice!r}; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {choice!r} asked for, but torch sees no GPU; use --device cpu.")
-    return device
-
-
 def _check_trainable(model: nn.Module) -> None:
     from svdcompress.modules import LowRankLinear
 
@@ -416,7 +405,7 @@ def finetune_(
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     start = time.perf_counter()
-    device = _device(config.device)
+    device = resolve_device(config.device)
     _check_trainable(model)
     rows = tokenize_examples(tokenizer, records, config.seq_len)
     state_path = Path(state_dir) if state_dir is not None else None
@@ -545,11 +534,20 @@ def _scratch_dir() -> str:
 
 def _last_checkpoint_step(state_dir: Path) -> int | None:
     steps = [int(p.name.split("-")[1]) for p in state_dir.glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+             if p.name.split("-")[1].isdigit() and _complete_state(p)]
     if not steps:
         raise ConfigError(f"--resume: {state_dir} holds no complete Trainer checkpoint yet; start "
                           "afresh (delete the folder).")
     return max(steps)
+
+
+def _complete_state(checkpoint: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last: a state killed before (or while) writing it
+    is incomplete and never resumed from."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _peak_memory_mb(device: torch.device) -> float:

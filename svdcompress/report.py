@@ -212,6 +212,12 @@ def _runs(results: dict) -> list[dict]:
     return [{"name": name, **run} for name, run in results["runs"].items()]
 
 
+def _kept(run: dict) -> float:
+    """Parameters kept over all selected decoder linears (allocation's dense modules at full size);
+    ``target_param_ratio`` is that number's name in results written before issue 15."""
+    return run.get("param_ratio_all_linears", run.get("target_param_ratio"))
+
+
 def plot_benchmark(results: dict, path: Path, metric: str = "wiki_ppl") -> Path:
     """Measured perplexity vs parameters kept, one line per variant, dense as a reference line."""
     runs = _runs(results)
@@ -219,7 +225,7 @@ def plot_benchmark(results: dict, path: Path, metric: str = "wiki_ppl") -> Path:
     dense = next((r for r in runs if r["variant"] == "dense"), None)
     variants = sorted({r["variant"] for r in runs} - {"dense"})
     for i, variant in enumerate(variants):
-        points = sorted((r["target_param_ratio"], r[metric]) for r in runs if r["variant"] == variant)
+        points = sorted((_kept(r), r[metric]) for r in runs if r["variant"] == variant)
         ax.plot(*zip(*points, strict=True), marker="os^dv"[i % 5], label=variant)
     if dense is not None:
         ax.axhline(dense[metric], color="black", ls="--", lw=0.8, label="dense")
@@ -247,7 +253,7 @@ def benchmark_table(results: dict) -> str:
         diag = r.get("diagnostics") or {}
         rep = diag.get("repetition", {}).get("compressed")
         lines.append(
-            f"| {r['name']} | {r['target_param_ratio']:.3f} | {r.get('dense_modules', 0)} | "
+            f"| {r['name']} | {_kept(r):.3f} | {r.get('dense_modules', 0)} | "
             f"{r['wiki_ppl']:.2f} | {delta} | {r['sotu_ppl']:.2f} | {r['fact_recall']:.3f} | "
             f"{diag.get('first_bad_layer', '')} | {'' if rep is None else f'{rep:.3f}'} |"
         )

@@ -11,6 +11,9 @@ WHERE (1-based):
   one moved in);
 - ``step``: the start of a recovery step;
 - ``state``: while a recovery state is written (its model saved, its optimizer moments not yet).
+- ``ftstep``: the start of a fine-tuning step (the Trainer's ``training_step``);
+- ``ftstate``: while a fine-tuning state is written (model and optimizer saved, the Trainer's
+  state file that marks it complete not yet).
 
 No process is asked to exit: ``os.kill(os.getpid(), SIGKILL)`` is what a killed job, an
 out-of-memory kill or a power cut looks like from the files' point of view.
@@ -73,6 +76,14 @@ def install(point: str) -> None:
         from svdcompress import recover
 
         recover.save_file = _counting(recover.save_file, n)
+    elif where == "ftstep":
+        from transformers import Trainer
+
+        Trainer.training_step = _counting(Trainer.training_step, n)
+    elif where == "ftstate":
+        from transformers import Trainer
+
+        Trainer._save_rng_state = _counting(Trainer._save_rng_state, n)
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -210,7 +210,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(char_tokenizer, 
     with pytest.raises(ConfigError, match="pass --resume"):
         finetune_(make_tiny_model("llama"), char_tokenizer, RECORDS, config, state_dir=state_dir,
                   progress=False)
-    with pytest.raises(ConfigError, match="lr=0.02 but the interrupted run used 0.01"):
+    with pytest.raises(ConfigError, match=r"lr=0\.02 but the interrupted run used 0\.01"):
         finetune_(make_tiny_model("llama"), char_tokenizer, RECORDS, _fast(checkpoint_every=2,
                   epochs=2.0, lr=2e-2), state_dir=state_dir, resume=True, progress=False)
     with pytest.raises(ConfigError, match="model differs"):

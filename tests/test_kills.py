@@ -124,3 +124,28 @@ def test_killed_recover_resumes_to_the_uninterrupted_result(tmp_path, env):
     run(env, "none", *recover, "--out", str(out), "--resume")
     assert tensors(out) == tensors(reference)  # bitwise the uninterrupted result
     assert not state.exists() and leftovers(state) == [] and leftovers(out) == []
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, env):
+    base = tmp_path / "base"
+    make_tiny_model("llama").save_pretrained(base)
+    make_char_tokenizer().save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"item {i} is", "completion": " red"}) + "\n"
+                            for i in range(16)))
+    finetune = ["finetune", str(base), "--data", str(data), "--epochs", "2", "--lr", "1e-2",
+                "--freeze", "0.5", "--checkpoint-every", "2", "--device", "cpu"]
+    reference = tmp_path / "reference"
+    run(env, "none", *finetune, "--out", str(reference))
+
+    out = tmp_path / "out"
+    state = out.with_name("out.finetune-state")
+    # 8 steps: killed at a random step after the first saved state (step 2), then while the
+    # state of a later step is being written, then resumed to the end.
+    run(env, f"ftstep:{RNG.choice([4, 5])}", *finetune, "--out", str(out))
+    assert not out.exists() and (state / "checkpoint-2" / "trainer_state.json").is_file()
+    run(env, "ftstate:1", *finetune, "--out", str(out), "--resume")
+    assert not out.exists()
+    run(env, "none", *finetune, "--out", str(out), "--resume")
+    assert tensors(out) == tensors(reference)  # bitwise the uninterrupted result
+    assert not state.exists() and leftovers(out) == []

@@ -81,6 +81,6 @@ def test_a_checkpoint_with_pickled_weights_is_refused_unopened(tmp_path):
     compress_(model, SVDConfig(param_ratio=0.5))
     folder = save(model, tmp_path / "ckpt", tokenizer=make_char_tokenizer())
     _pickled_weights(folder, marker)
-    with pytest.raises(SvdCompressError, match="no .safetensors"):
+    with pytest.raises(SvdCompressError, match=r"no \.safetensors"):
         load(folder)
     assert not marker.exists()

@@ -84,3 +84,11 @@ def test_issue6_ratios_are_named_by_what_they_measure():
     assert {c["field"] for c in data["corrections"]} == {"ratios", "superseded"}
     assert all(len(c["reason"]) > 80 for c in data["corrections"])
     assert data["provenance"]["command"].endswith("record_corrections.py")
+
+
+def test_allocation_ratios_are_named_by_what_they_measure():
+    data = json.loads((RESULTS / "allocation" / "results.json").read_text())
+    for name, run in data["runs"].items():
+        assert "target_param_ratio" not in run, name
+        assert run["param_ratio_factored_modules"] <= run["param_ratio_all_linears"] + 1e-4, name
+    assert data["runs"]["allocated@0.8"]["param_ratio_factored_modules"] == 0.5212  # as in issue6

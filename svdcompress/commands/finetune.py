@@ -24,6 +24,7 @@ def run_finetune(model_spec: str, data: Path, config, *, out: Path, resume: bool
                  overwrite: bool) -> dict:
     """Check, load, fine-tune, save; returns the summary written to ``finetune_report.json``."""
     from svdcompress.checkpoint import save
+    from svdcompress.devices import resolve_device
     from svdcompress.finetune import finetune_, load_examples
     from svdcompress.zoo import load_model
 
@@ -32,7 +33,8 @@ def run_finetune(model_spec: str, data: Path, config, *, out: Path, resume: bool
     state = state_folder(out)
     if resume and not state.is_dir():
         raise ConfigError(f"--resume: no interrupted run to resume (no {state}).")
-    records = load_examples(data)  # bad data fails here, before the model loads
+    resolve_device(config.device)  # a missing GPU or bad data fails here, before the model loads
+    records = load_examples(data)
     model, tokenizer = load_model(model_spec)
     model, result = finetune_(model, tokenizer, records, config, state_dir=state, resume=resume)
     summary = {"base_model": model_spec, "data": str(data), **result.to_dict()}

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from svdcompress.commands import handle_errors
+from svdcompress.devices import resolve_device
 from svdcompress.errors import CheckpointError, ConfigError
 
 __all__ = ["register", "run_recover", "state_folder"]
@@ -21,20 +22,6 @@ logger = logging.getLogger(__name__)
 def state_folder(out: Path) -> Path:
     """Where a run writing ``out`` keeps its periodic checkpoints until it completes."""
     return out.with_name(f"{out.name}.recovery-state")
-
-
-def _device(choice: str):
-    import torch
-
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(choice)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {choice!r}: use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {choice}: this machine has no CUDA device; use cpu or auto.")
-    return device
 
 
 def _base_spec(student, base: str | None) -> str:
@@ -114,7 +101,7 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
 
     state = state_folder(out)
     _check_folders(checkpoint, out, state, resume, overwrite)
-    device = _device(device)  # everything that needs no model is checked before one loads
+    device = resolve_device(device)  # everything that needs no model is checked before one loads
     check_window_request(seq_len, n_windows or settings.steps * settings.batch_size, source=data)
     student, tokenizer = load(checkpoint, device=device)
     base = _base_spec(student, base)

@@ -98,7 +98,8 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 def _chance(doc: dict[str, Any]) -> float:
     """Expected accuracy (or MC2) of a uniform guess on one item."""
-    n_choices = len(doc.get("choices") or doc.get("options") or (0, 0))
+    choices = doc.get("choices") or doc.get("options") or ("True", "False")  # misconceptions
+    n_choices = len(choices)
     n_gold = len(doc["labels"]) if "labels" in doc else doc.get("n_true", 1)
     return n_gold / n_choices
 
