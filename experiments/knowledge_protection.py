@@ -72,7 +72,8 @@ CONDITIONS: dict[str, dict] = {
 REGIMES = {"gentle": {"epochs": 1.0, "lr": 1e-5}, "aggressive": {"epochs": 3.0, "lr": 2e-5}}
 INT8_CONDITIONS = ("none", "cf90", "cf90-90")
 
-# (claim, condition A, condition B, regime): the comparisons the brief makes, tested pairwise.
+# (claim, condition A, condition B, regime[, stage]): the brief's comparisons, tested pairwise on
+# the same facts and seeds; stage "after_int8" compares the models after Experiment D's INT8.
 COMPARISONS = [
     ("CF90 retains more than freezing alone (75 % vs 60 %; 5 seeds 71 % vs 63 %, p = 0.0072)",
      "cf90", "freeze75", "gentle"),
@@ -84,9 +85,12 @@ COMPARISONS = [
     ("freeze 90 % + compress beats freeze 75 % + compress (79-80 % vs 75 %)", "cf90-90", "cf90", "gentle"),
     ("freeze 90 % + compress beats freeze 90 % alone", "cf90-90", "freeze90", "gentle"),
     ("compression alone protects (vs none)", "compress", "none", "gentle"),
-    ("aggressive fine-tuning: compression hurts retention (CF90 below freeze 75 %)",
-     "cf90", "freeze75", "aggressive"),
+    ("aggressive fine-tuning: compression hurts retention (freeze 75 % alone above CF90)",
+     "freeze75", "cf90", "aggressive"),
     ("aggressive fine-tuning: CF90 vs none", "cf90", "none", "aggressive"),
+    ("after INT8, CF90-90 keeps more than unprotected (72 % vs 58 %)", "cf90-90", "none", "gentle",
+     "after_int8"),
+    ("after INT8, CF90 keeps more than unprotected", "cf90", "none", "gentle", "after_int8"),
 ]
 
 logger = logging.getLogger("knowledge_protection")
@@ -294,37 +298,44 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def compare(results: dict, a: str, b: str, regime: str, metric_bits: str = "retained") -> dict | None:
+def compare(results: dict, a: str, b: str, regime: str, metric_bits: str = "retained",
+            stage: str = "knowledge") -> dict | None:
     """A vs B on the same facts and seeds: paired t over seeds (per-seed shares) and Wilcoxon
     signed-rank over facts (each fact's share of seeds in which it was kept)."""
-    rows_a, rows_b = _rows(results, a, regime), _rows(results, b, regime)
+    rows_a = {s: r for s, r in _rows(results, a, regime).items() if stage in r}
+    rows_b = {s: r for s, r in _rows(results, b, regime).items() if stage in r}
     seeds = sorted(set(rows_a) & set(rows_b))
     if len(seeds) < 2:
         return None
-    per_seed_a = [_bits(rows_a[s]["knowledge"][metric_bits]).mean() for s in seeds]
-    per_seed_b = [_bits(rows_b[s]["knowledge"][metric_bits]).mean() for s in seeds]
-    per_fact_a = np.mean([_bits(rows_a[s]["knowledge"][metric_bits]) for s in seeds], axis=0)
-    per_fact_b = np.mean([_bits(rows_b[s]["knowledge"][metric_bits]) for s in seeds], axis=0)
+    per_seed_a = [_bits(rows_a[s][stage][metric_bits]).mean() for s in seeds]
+    per_seed_b = [_bits(rows_b[s][stage][metric_bits]).mean() for s in seeds]
+    per_fact_a = np.mean([_bits(rows_a[s][stage][metric_bits]) for s in seeds], axis=0)
+    per_fact_b = np.mean([_bits(rows_b[s][stage][metric_bits]) for s in seeds], axis=0)
     # The stats module reports mean(second) - mean(first): B goes first so the difference is A - B.
     seeds_test = paired_t(per_seed_b, per_seed_a).to_dict()
     facts_test = wilcoxon(per_fact_b, per_fact_a).to_dict()
     return {
-        "a": a, "b": b, "regime": regime, "metric": metric_bits, "seeds": seeds,
+        "a": a, "b": b, "regime": regime, "metric": metric_bits, "stage": stage, "seeds": seeds,
         "mean_a": float(np.mean(per_seed_a)), "mean_b": float(np.mean(per_seed_b)),
         "difference": float(np.mean(per_seed_a) - np.mean(per_seed_b)),
         "paired_t_over_seeds": seeds_test, "wilcoxon_over_facts": facts_test,
     }
 
 
-def verdict(test: dict | None, expect_greater: bool = True) -> str:
+def verdict(test: dict | None, learning: dict | None = None) -> str:
+    """Holds when A retains more than B with both tests below 0.05; "with a caveat" when A also
+    learned the new facts at least 10 points less (its retention is bought by not learning)."""
     if test is None:
         return "not measured yet"
     diff, p_seed = test["difference"], test["paired_t_over_seeds"]["p_value"]
     p_fact = test["wilcoxon_over_facts"]["p_value"]
     significant = p_seed < 0.05 and p_fact < 0.05
-    if (diff > 0) == expect_greater and significant:
+    if diff > 0 and significant:
+        if learning is not None and learning["difference"] <= -0.10:
+            return (f"holds with a caveat: A learns {-100 * learning['difference']:.0f} points "
+                    "less of the new data")
         return "holds"
-    if (diff > 0) == expect_greater:
+    if diff > 0:
         return "same direction, not significant"
     if significant:
         return "does not hold (significant the other way)"
@@ -337,11 +348,11 @@ def report(args) -> None:
         raise SystemExit(f"no results in {args.out}")
     summary = summarize(results)
     tests = []
-    for claim, a, b, regime in COMPARISONS:
-        test = compare(results, a, b, regime)
-        learning = compare(results, a, b, regime, "learned")
+    for claim, a, b, regime, *stage in COMPARISONS:
+        test = compare(results, a, b, regime, "retained", *stage)
+        learning = compare(results, a, b, regime, "learned", *stage)
         tests.append({"claim": claim, "retention": test, "learning": learning,
-                      "verdict": verdict(test)})
+                      "verdict": verdict(test, learning)})
     all_pairs = {}
     for regime in REGIMES:
         for a, b in combinations(CONDITIONS, 2):

@@ -39,6 +39,7 @@ from torch import nn
 
 from svdcompress.devices import resolve_device
 from svdcompress.errors import ConfigError, DatasetError
+from svdcompress.provenance import model_digest
 from svdcompress.targets import decoder_blocks, find_targets
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "finetune_",
     "freeze_layers",
     "load_examples",
-    "model_digest",
     "tokenize_examples",
 ]
 
@@ -279,16 +279,6 @@ def tokenize_examples(tokenizer: Any, records: list[dict[str, str]], seq_len: in
 # Fingerprints (what a resumed run must share with the one that wrote the state)
 
 
-def model_digest(model: nn.Module) -> str:
-    """sha256 over every tensor of the model's state dict: names, shapes, dtypes and bytes."""
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu()
-        hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        hasher.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return hasher.hexdigest()
-
-
 def _rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps([[r["input_ids"], r["labels"]] for r in rows]).encode()).hexdigest()
 
@@ -359,7 +349,8 @@ class _NanGuard:
         from transformers import TrainerCallback
 
         self.params = params
-        self.copies = [p.detach().clone() for p in params]
+        self.copies = [torch.empty_like(p) for p in params]
+        self.has_copy = False  # a resumed run's weights arrive after this object is made
         self.stopped_at: int | None = None
         guard = self
 
@@ -375,8 +366,10 @@ class _NanGuard:
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if finite:
             torch._foreach_copy_(self.copies, [p.detach() for p in self.params])
+            self.has_copy = True
             return control
-        torch._foreach_copy_([p.data for p in self.params], self.copies)
+        if self.has_copy:  # otherwise the weights are still those the run started (or resumed) from
+            torch._foreach_copy_([p.data for p in self.params], self.copies)
         for p in self.params:
             p.grad = None  # AdamW skips parameters without a gradient: this step changes nothing
         self.stopped_at = state.global_step + 1

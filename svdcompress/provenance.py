@@ -8,6 +8,7 @@ leaves half a file that a later run would trust).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import shlex
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from svdcompress.fetch import atomic_write_json
 
@@ -77,3 +80,18 @@ def stamp_results(path: str | Path, *, argv: list[str] | None = None) -> Path:
     data = json.loads(path.read_text())
     data.pop("provenance", None)
     return write_results(path, data, argv=argv)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors: names, shapes, dtypes and bytes, in name order."""
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
+        hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        hasher.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """:func:`tensor_digest` of the model's whole state dict: equal only for identical weights."""
+    return tensor_digest(dict(model.state_dict()))

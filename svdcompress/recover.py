@@ -18,7 +18,6 @@ function of (seed, step), so a resumed run sees the batches the uninterrupted ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from svdcompress.checkpoint import atomic_folder, save
 from svdcompress.errors import CheckpointError, ConfigError
 from svdcompress.linalg import balance_factors
 from svdcompress.modules import LowRankLinear
+from svdcompress.provenance import model_digest, tensor_digest
 
 __all__ = [
     "RecoveryResult",
@@ -162,28 +162,13 @@ def _batch_indices(n_windows: int, settings: RecoverySettings, step: int) -> tor
 # Fingerprint and state
 
 
-def _hash_tensors(hasher, tensors: dict[str, torch.Tensor]) -> None:
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu()
-        hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        hasher.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def _model_digest(model: nn.Module) -> str:
-    hasher = hashlib.sha256()
-    _hash_tensors(hasher, dict(model.state_dict()))
-    return hasher.hexdigest()
-
-
 def fingerprint(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
                 settings: RecoverySettings) -> dict:
     """What a resumed run must share with the run that wrote the state."""
-    data = hashlib.sha256()
-    _hash_tensors(data, {"windows": windows})
     return {
-        "student": _model_digest(student),
-        "teacher": _model_digest(teacher),
-        "windows": data.hexdigest(),
+        "student": model_digest(student),
+        "teacher": model_digest(teacher),
+        "windows": tensor_digest({"windows": windows}),
         "settings": settings.fingerprinted(),
     }
 

@@ -310,3 +310,23 @@ def test_cf90_on_smollm2_keeps_the_frozen_blocks_and_learns(smollm2):
     assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
     assert not torch.equal(model.model.layers[29].self_attn.q_proj.weight, top_before)
     assert result.losses[-1]["loss"] < result.losses[0]["loss"]
+
+
+def test_nan_before_any_good_step_keeps_the_starting_weights():
+    """A run (or a resumed run) whose very first step is not finite keeps the weights it started
+    from: there is no earlier good step to go back to."""
+    from transformers import TrainerControl, TrainerState
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    guard = ft._NanGuard([weight])
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0])
+    control = guard.check(TrainerState(), TrainerControl())
+    assert control.should_training_stop and guard.stopped_at == 1
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    weight.data.fill_(2.0)
+    weight.grad = torch.zeros(3)
+    guard.check(TrainerState(), TrainerControl())  # a good step: its weights are kept
+    weight.data.fill_(5.0)
+    weight.grad = torch.full((3,), float("inf"))
+    guard.check(TrainerState(), TrainerControl())
+    assert torch.equal(weight.detach(), torch.full((3,), 2.0))
