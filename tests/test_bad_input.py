@@ -340,6 +340,10 @@ EARLY_ROWS = [
     ["analyze", "tiny", "--out", "an", "--param-ratio", "1.5"],
     ["analyze", "tiny", "--out", "an", "--fractions", "x"],
     ["analyze", "tiny", "--out", "an", "--calib-samples", "0"],
+    ["eval", "tiny", "--samples", "0"],
+    ["eval", "tiny", "--data", "poems"],
+    ["finetune", "tiny", "--data", "missing.jsonl", "--out", "ft"],
+    ["finetune", "tiny", "--data", "missing.jsonl", "--out", "ft", "--device", "tpu9"],
 ]
 
 

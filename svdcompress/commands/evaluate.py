@@ -62,10 +62,17 @@ def run_eval(
     import torch
 
     from svdcompress import __version__
+    from svdcompress.datasets import check_window_request
     from svdcompress.evaluate import evaluate_model
     from svdcompress.zoo import load_model
 
     task_names = _check_tasks(tasks, limit)
+    # Everything that needs no model is checked first: fail before a minute of loading.
+    check_window_request(settings.get("seq_len", 512), settings.get("n_samples", 64),
+                         source=settings.get("data", "wiki"))
+    if settings.get("second_domain"):
+        check_window_request(settings.get("seq_len", 512), settings.get("n_samples", 64),
+                             source=settings["second_domain"])
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec)
     reference, reference_tokenizer = load_model(reference_spec) if reference_spec else (None, None)
