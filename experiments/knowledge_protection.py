@@ -351,7 +351,9 @@ def report(args) -> None:
     for claim, a, b, regime, *stage in COMPARISONS:
         test = compare(results, a, b, regime, "retained", *stage)
         learning = compare(results, a, b, regime, "learned", *stage)
+        collateral = compare(results, a, b, regime, "control_retained", *stage)
         tests.append({"claim": claim, "retention": test, "learning": learning,
+                      "collateral": collateral,
                       "verdict": verdict(test, learning)})
     all_pairs = {}
     for regime in REGIMES:
@@ -423,16 +425,19 @@ def markdown(results: dict, summary: dict, tests: list[dict]) -> str:
                 f"{e['perplexity']['mean']:.2f} → {q['perplexity']:.2f} | "
                 f"{e['repetition_rate']['mean']:.3f} → {q['repetition_rate']:.3f} |")
     lines += ["", "| claim | A − B retention (points) | p (t, seeds) | p (Wilcoxon, facts) | "
-              "A − B learning (points) | verdict |", "|---|---|---|---|---|---|"]
+              "A − B learning (points) | A − B collateral (points, p t/Wilcoxon) | verdict |",
+              "|---|---|---|---|---|---|---|"]
     for t in tests:
-        r, learn = t["retention"], t["learning"]
+        r, learn, coll = t["retention"], t["learning"], t["collateral"]
         if r is None:
-            lines.append(f"| {t['claim']} | – | – | – | – | {t['verdict']} |")
+            lines.append(f"| {t['claim']} | – | – | – | – | – | {t['verdict']} |")
             continue
         lines.append(
             f"| {t['claim']} | {100 * r['difference']:+.1f} ({len(r['seeds'])} seeds) | "
             f"{r['paired_t_over_seeds']['p_value']:.2g} | {r['wilcoxon_over_facts']['p_value']:.2g} | "
-            f"{100 * learn['difference']:+.1f} | {t['verdict']} |")
+            f"{100 * learn['difference']:+.1f} | {100 * coll['difference']:+.1f} "
+            f"({coll['paired_t_over_seeds']['p_value']:.2g} / {coll['wilcoxon_over_facts']['p_value']:.2g}) | "
+            f"{t['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

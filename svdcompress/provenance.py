@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import platform
 import shlex
@@ -19,9 +20,16 @@ from typing import Any
 
 import torch
 
-from svdcompress.fetch import atomic_write_json
+from svdcompress.fetch import atomic_write_text
 
-__all__ = ["code_version", "provenance", "stamp_results", "write_results"]
+__all__ = [
+    "code_version",
+    "model_digest",
+    "provenance",
+    "stamp_results",
+    "tensor_digest",
+    "write_results",
+]
 
 
 def code_version(repo: str | Path | None = None) -> dict[str, Any]:
@@ -67,15 +75,17 @@ def write_results(path: str | Path, data: dict[str, Any], *, argv: list[str] | N
     """Write ``data`` with a fresh ``provenance`` entry as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**data, "provenance": provenance(argv)})
+    # indent=2 and ASCII escapes, as the results files have always been written: a rewrite
+    # then differs from the old file only where the data does.
+    text = json.dumps({**data, "provenance": provenance(argv)}, indent=2)
+    json.loads(text)
+    atomic_write_text(path, text)
     return path
 
 
 def stamp_results(path: str | Path, *, argv: list[str] | None = None) -> Path:
     """Add (or refresh) the ``provenance`` entry of a JSON results file that a library call wrote
     (an analysis cache, an allocation recipe), so the script that ran the call is named in it."""
-    import json
-
     path = Path(path)
     data = json.loads(path.read_text())
     data.pop("provenance", None)
