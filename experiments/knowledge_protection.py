@@ -461,15 +461,18 @@ def tqa_markdown(truthfulqa: dict | None) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {c: plt.cm.tab20(i / len(CONDITIONS)) for i, c in enumerate(CONDITIONS)}
     for key, e in summary.items():
         condition, regime = key.split("/")
-        marker = "o" if regime == "gentle" else "s"
         ax.errorbar(100 * e["learning"]["mean"], 100 * e["retention"]["mean"],
                     xerr=100 * e["learning"]["std"], yerr=100 * e["retention"]["std"],
-                    fmt=marker, capsize=3, label=f"{condition} ({regime})")
+                    fmt="o" if regime == "gentle" else "s", color=colors[condition], capsize=3,
+                    label=condition if regime == "gentle" else None)
         ax.annotate(condition, (100 * e["learning"]["mean"], 100 * e["retention"]["mean"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    fontsize=7, xytext=(4, -8 if regime == "aggressive" else 3),
+                    textcoords="offset points", color=colors[condition])
+    ax.legend(fontsize=7, loc="center right")
     ax.set_xlabel("learning: contradicting answer produced (%)")
     ax.set_ylabel("retention: original answer still produced (%)")
     ax.set_title("SmolLM2-135M, 200 conflicting facts (o gentle, s aggressive; mean ± std over seeds)")
