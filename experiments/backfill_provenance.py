@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from svdcompress.fetch import atomic_write_json
+from svdcompress.fetch import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("experiments/results")
@@ -125,12 +125,23 @@ def main() -> None:
             print(f"no provenance: {path}")
         sys.exit(1 if todo else 0)
     for path in todo:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
         if isinstance(data, list):
             data = {"runs": data}
         data["provenance"] = backfilled(path, path.relative_to(args.folder).as_posix())
-        atomic_write_json(path, data)
+        atomic_write_text(path, in_layout_of(text, data))
         print(f"backfilled {path}")
+
+
+def in_layout_of(original: str, data: dict) -> str:
+    """``data`` as JSON in the original file's indentation and escaping, so the file's diff shows
+    only the added provenance."""
+    lines = original.splitlines()
+    second = lines[1] if len(lines) > 1 else ""
+    indent = (len(second) - len(second.lstrip(" "))) or None
+    ascii_only = "\\u" in original or all(ord(c) < 128 for c in original)
+    return json.dumps(data, indent=indent, ensure_ascii=ascii_only) + ("\n" if original.endswith("\n") else "")
 
 
 if __name__ == "__main__":
