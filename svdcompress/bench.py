@@ -91,6 +91,7 @@ class BenchSettings:
     threads: int | None = None  # None: torch's default for this process
     kernel: str = "auto"  # int8 kernel (runtime.set_runtime), ignored for float models
     seed: int = 0
+    device: str = "cpu"  # where the workers run the model (a concrete device, not "auto")
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -159,7 +160,14 @@ def _prefill_rate(model: nn.Module, ids: torch.Tensor) -> float:
         kwargs["logits_to_keep"] = 1  # what generate does at prefill; full logits would dominate
     start = time.perf_counter()
     model(input_ids=ids, **kwargs)
+    _sync(ids.device)
     return ids.numel() / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    """GPU work is asynchronous: wait for it, or the clock measures only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _StepClock:
@@ -169,6 +177,7 @@ class _StepClock:
         self.stamps: list[float] = []
 
     def __call__(self, input_ids, scores):
+        _sync(scores.device)
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -220,17 +229,17 @@ def measure_model(spec: str, settings: BenchSettings) -> dict[str, Any]:
     process = psutil.Process()
     rss_start = process.memory_info().rss
     start = time.perf_counter()
-    model = _load(spec)
+    model = _load(spec).to(settings.device)
     load_seconds = time.perf_counter() - start
     rss_loaded = process.memory_info().rss
     n_int8 = _set_kernel(model, settings.kernel)
     result: dict[str, Any] = {"spec": spec, "load_seconds": load_seconds, "int8_modules": n_int8,
                               "weight_bytes": weight_bytes(model)}
     with torch.inference_mode():
-        ids = _token_ids(model, 1, settings.prefill_tokens, settings.seed)
+        ids = _token_ids(model, 1, settings.prefill_tokens, settings.seed).to(settings.device)
         result["prefill_tokens_per_s"] = _repeat(lambda: _prefill_rate(model, ids), settings)
         for batch in settings.batch_sizes:
-            ids = _token_ids(model, batch, settings.prompt_tokens, settings.seed + batch)
+            ids = _token_ids(model, batch, settings.prompt_tokens, settings.seed + batch).to(settings.device)
             rates = _repeat(lambda ids=ids: _decode_rate(model, ids, settings.new_tokens), settings)
             result[f"decode_b{batch}_tokens_per_s"] = rates
     result.update({

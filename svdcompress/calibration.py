@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdcompress import distributed
 from svdcompress.errors import CalibrationError
 from svdcompress.targets import Target, decoder_blocks, linear_shape
 
@@ -202,7 +203,9 @@ def run_sequential(
     by_block: dict[int, list[Target]] = {}
     for target in targets:
         by_block.setdefault(target.block, []).append(target)
-    calls = _capture_first_block_inputs(model, blocks[0], calibration.batches(batch_size))
+    # Under torchrun each rank runs its share of the batches; reduce_stats sums what they saw.
+    batches = distributed.shard_batches(calibration.batches(batch_size))
+    calls = _capture_first_block_inputs(model, blocks[0], batches)
     compressed = [call.hidden for call in calls]
     original = [call.hidden for call in calls] if track_original else None
     last_block = max(by_block)
@@ -213,6 +216,7 @@ def run_sequential(
             if index in by_block:
                 modules = {t.name: model.get_submodule(t.name) for t in by_block[index]}
                 stats, next_original = _gather_block_stats(block, modules, calls, compressed, original)
+                distributed.reduce_stats(stats)
                 compress_block(index, stats)
                 del stats
             elif original is not None:

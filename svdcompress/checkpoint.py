@@ -4,6 +4,15 @@
 what ``LowRankLinear`` needs to be rebuilt (shape, rank, storage, layout). Loading builds the model
 with empty weights, swaps those modules in, and loads the tensors strictly — no pickles.
 Writes go to a temporary sibling folder that is renamed into place only when complete.
+
+Format 2 (:data:`CHECKPOINT_FORMAT`) adds what lets stock transformers take part:
+``quantization_config`` (:class:`SvdCompressQuantizationConfig`: ``quant_method: svdcompress``,
+the module specs), read by ``AutoModelForCausalLM.from_pretrained`` once ``import svdcompress``
+registered the quantizer (:mod:`svdcompress.hf_integration`), and *guard tensors*
+(:func:`guard_names`) that make transformers without svdcompress refuse the folder instead of
+filling the compressed layers with random weights. Every folder also holds a model card
+(``README.md``, :mod:`svdcompress.modelcard`) and the settings that made it (``recipe.yaml``,
+:mod:`svdcompress.recipe`). Format-1 folders (``compression_config`` only) still load here.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,12 +33,34 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from svdcompress.errors import CheckpointError
 from svdcompress.linalg import SUPPORTED_QUANT_BITS
-from svdcompress.modules import LowRankLinear, tensor_layout
+from svdcompress.modules import (
+    LowRankLinear,
+    fused_specs,
+    merge_dense_slices_,
+    split_fused_,
+    tensor_layout,
+)
 
-__all__ = ["clear_stale_temporaries", "export_dense", "is_compressed_checkpoint", "load", "save"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "QUANT_METHOD",
+    "SvdCompressQuantizationConfig",
+    "check_tensors",
+    "clear_stale_temporaries",
+    "densify_",
+    "export_dense",
+    "guard_names",
+    "guard_tensors",
+    "install_empty_modules_",
+    "is_compressed_checkpoint",
+    "load",
+    "save",
+    "tensor_headers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +138,210 @@ def atomic_folder(out_dir: str | Path, *, overwrite: bool = False):
             shutil.rmtree(tmp)
 
 
+QUANT_METHOD = "svdcompress"  # quantization_config.quant_method: how transformers finds our loader
+CHECKPOINT_FORMAT = 2  # 1: compression_config only; 2: + quantization_config and guard tensors
+
+
+class SvdCompressQuantizationConfig(QuantizationConfigMixin):
+    """``config.json``'s ``quantization_config``: what a loader builds before the tensors arrive.
+
+    ``modules``: name -> ``LowRankLinear.spec()`` (rank, storage, int8 or float, layout);
+    ``fused``: name -> ``SlicedLinear.spec()`` (fused projections split per slice). Settings and
+    provenance stay in ``compression_config``; this is only the layout. A format this version does
+    not read is refused here, before any model is built.
+    """
+
+    def __init__(self, modules: dict | None = None, fused: dict | None = None,
+                 format_version: int = CHECKPOINT_FORMAT, quant_method: str = QUANT_METHOD,
+                 **unknown) -> None:
+        if format_version != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"this checkpoint is svdcompress checkpoint format {format_version!r} "
+                f"(quantization_config.format_version) and this version reads format "
+                f"{CHECKPOINT_FORMAT}: load it with the svdcompress version that wrote it "
+                "(compression_config.library_version in its config.json), or rebuild it from its "
+                "recipe.yaml with this one (svdcompress compress BASE --recipe DIR/recipe.yaml)."
+            )
+        if unknown:
+            raise CheckpointError(
+                f"quantization_config holds {sorted(unknown)}, which svdcompress format "
+                f"{CHECKPOINT_FORMAT} does not have; the config.json was edited or written by "
+                "another version."
+            )
+        self.quant_method = quant_method
+        self.format_version = format_version
+        self.modules = dict(modules or {})
+        self.fused = dict(fused or {})
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> SvdCompressQuantizationConfig | None:
+        """The layout of ``model``'s live modules (``None`` for a plain model)."""
+        modules = {name: m.spec() for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        fused = fused_specs(model)
+        return cls(modules=modules, fused=fused) if modules or fused else None
+
+    @classmethod
+    def of_config(cls, config) -> SvdCompressQuantizationConfig:
+        """The layout :func:`load` rebuilds: ``compression_config``'s module specs, the record every
+        format holds, once the format ``quantization_config`` names (format 2) is one we read.
+
+        Both loaders check the tensors against the copy they read, so an edit of either copy that
+        no longer matches the tensors is refused by the loader that reads it.
+        """
+        entry = getattr(config, "quantization_config", None)
+        if entry is not None:
+            entry = entry if isinstance(entry, dict) else entry.to_dict()
+            if entry.get("quant_method") != QUANT_METHOD:
+                raise CheckpointError(
+                    f"config.json's quantization_config is {entry.get('quant_method')!r}, not "
+                    f"{QUANT_METHOD!r}: not a checkpoint svdcompress wrote."
+                )
+            cls.from_dict(entry)  # refuses a format this version does not read
+        compression = getattr(config, "compression_config", None) or {}
+        return cls(modules=compression.get("modules"), fused=compression.get("fused"))
+
+    @property
+    def float_factors(self) -> bool:
+        """Every low-rank matrix is a float parameter (not int8 codes): gradients can train them."""
+        return all(spec.get("quant_bits") is None for spec in self.modules.values())
+
+
+def guard_names(layout: SvdCompressQuantizationConfig) -> list[str]:
+    """Stock weight names that the checkpoint's modules no longer hold, one guard tensor each.
+
+    transformers without ``import svdcompress`` skips an unknown ``quant_method`` with a warning
+    and would fill such a layer's missing ``weight`` with random numbers. A one-number tensor under
+    that name turns it into a size-mismatch error. A float dense rank-r module keeps a real
+    ``weight``, which stock transformers loads as it is.
+    """
+    names = [f"{name}.weight" for name, spec in layout.modules.items()
+             if "weight" not in tensor_layout(spec)]
+    return sorted([*names, *(f"{name}.weight" for name in layout.fused)])
+
+
+def guard_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The guard tensors to save beside ``model``'s own (see :func:`guard_names`)."""
+    layout = SvdCompressQuantizationConfig.from_model(model)
+    return {} if layout is None else {name: torch.zeros(1) for name in guard_names(layout)}
+
+
+def install_empty_modules_(model: nn.Module, layout: SvdCompressQuantizationConfig) -> None:
+    """Swap the modules ``layout`` lists into ``model``, on the meta device, before tensors load.
+
+    Both loaders do this: :func:`load` and transformers' ``from_pretrained`` (through the quantizer).
+    """
+    # Fused projections compressed per slice (GPT-2's c_attn) are split again before their slices load.
+    split_fused_(model, layout.fused)
+    for name, spec in layout.modules.items():
+        module = LowRankLinear(
+            spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
+            storage=spec["storage"], layout=spec["layout"], quant_bits=spec.get("quant_bits"),
+            device="meta",
+        )
+        model.set_submodule(name, module)
+
+
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def tensor_headers(files: list[str | Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Name -> (shape, dtype) of every tensor in safetensors ``files``, read from headers only."""
+    headers = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensor = handle.get_slice(key)
+                    headers[key] = (tuple(tensor.get_shape()), _SAFETENSORS_DTYPES.get(tensor.get_dtype()))
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file}: {err}. The file is corrupt or truncated.") from err
+    return headers
+
+
+def check_tensors(layout: SvdCompressQuantizationConfig, headers: dict) -> None:
+    """Every module's tensors are present with the shape and dtype its spec says."""
+    for name, spec in layout.modules.items():
+        _check_spec(name, spec, headers)
+
+
 def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
-         max_shard_size: str = "2GB", extra_files: dict[str, str] | None = None) -> Path:
+         max_shard_size: str = "2GB", extra_files: dict[str, str] | None = None,
+         command: str | None = None, data: dict | None = None,
+         tensor_writer: Callable[[Path], dict[str, str]] | None = None) -> Path:
     """Write a compressed (or plain) model as a Hugging Face folder with safetensors.
 
-    ``extra_files`` (name -> text, e.g. a report) are written into the folder before it appears.
+    A compressed model's folder also gets its model card (``README.md``) and, where one set of
+    settings made it, ``recipe.yaml``. ``command`` (the command line that made it) and ``data``
+    (the text settings the CLI chose its windows with: source, windows, seq_len, facts) are
+    recorded in ``compression_config`` for both. ``extra_files`` (name -> text, e.g. a report) are
+    written into the folder before it appears. ``tensor_writer(folder) -> weight map`` writes the
+    model's tensors itself, for a model whose tensors were never all in memory (streaming: ``model``
+    is then on the meta device); everything else is written as for any model.
     """
+    compression = getattr(model.config, "compression_config", None)
+    if not compression:
+        # A plain model whose fused projections were split (LoRA on GPT-2's q/k) is saved fused,
+        # so stock transformers finds the weights it expects.
+        merge_dense_slices_(model)
+    documents = {}
+    if compression:
+        compression.update({k: v for k, v in (("command", command), ("data", data)) if v is not None})
+        documents = folder_documents(compression)
+    _record_layout(model)
     try:
         with atomic_folder(out_dir, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if tensor_writer is None:
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
+                                      state_dict={**model.state_dict(), **guard_tensors(model)})
+            else:
+                _save_streamed(model, tmp, tensor_writer)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            for name, text in (extra_files or {}).items():
+            for name, text in {**documents, **(extra_files or {})}.items():
                 (tmp / name).write_text(text)
     except OSError as err:  # the temporary folder is gone already (atomic_folder's cleanup)
         raise write_error(out_dir, err) from err
     return Path(out_dir)
+
+
+def _save_streamed(model: nn.Module, folder: Path, tensor_writer: Callable[[Path], dict[str, str]]) -> None:
+    """Config, generation config and guard tensors by ``save_pretrained`` (so they are exactly what
+    it writes for any model); the tensors by ``tensor_writer``, listed in one shard index."""
+    guards = guard_tensors(model)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=guards)
+    single = folder / "model.safetensors"  # where save_pretrained put the guard tensors (if any)
+    weight_map = dict.fromkeys(guards, single.name) if guards else {}
+    if not guards:
+        single.unlink(missing_ok=True)
+    weight_map.update(tensor_writer(folder))
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _record_layout(model: nn.Module) -> None:
+    """Set ``config.quantization_config`` from the live modules (quantize_factors_ and friends change
+    them after loading), or drop ours from a model that is plain again."""
+    layout = SvdCompressQuantizationConfig.from_model(model)
+    if layout is not None:
+        model.config.quantization_config = layout
+    elif isinstance(getattr(model.config, "quantization_config", None), SvdCompressQuantizationConfig):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None and layout is not None:
+        model.hf_quantizer.quantization_config = layout
+
+
+def folder_documents(compression: dict) -> dict[str, str]:
+    """File name -> text of the model card and (where one set of settings made it) the recipe."""
+    from svdcompress.modelcard import CARD_FILE, render_card
+    from svdcompress.recipe import RECIPE_FILE, recipe_text
+
+    recipe = recipe_text(compression)
+    documents = {CARD_FILE: render_card(compression, has_recipe=recipe is not None)}
+    if recipe is not None:
+        documents[RECIPE_FILE] = recipe
+    return documents
 
 
 def write_error(out_dir: str | Path, err: OSError) -> CheckpointError:
@@ -162,7 +382,8 @@ def _read_state_dict(path: Path, device: str | torch.device) -> dict[str, torch.
     return state
 
 
-def _check_spec(name: str, spec: dict, state: dict[str, torch.Tensor]) -> None:
+def _check_spec(name: str, spec: dict, headers: dict[str, tuple[tuple[int, ...], torch.dtype | None]]) -> None:
+    """``headers``: tensor name -> (shape, dtype), from a state dict or :func:`tensor_headers`."""
     bits = spec.get("quant_bits")  # absent in checkpoints written before int8 factors existed
     if bits is not None and bits not in SUPPORTED_QUANT_BITS:
         raise CheckpointError(
@@ -171,16 +392,17 @@ def _check_spec(name: str, spec: dict, state: dict[str, torch.Tensor]) -> None:
         )
     for suffix, (shape, dtype) in tensor_layout(spec).items():
         key = f"{name}.{suffix}"
-        if key not in state:
+        if key not in headers:
             what = "its int8 scales" if suffix.endswith("_scale") else key
             raise CheckpointError(f"compression_config lists {name} but the tensors lack {what} ({key}).")
-        if tuple(state[key].shape) != shape:
+        found_shape, found_dtype = headers[key]
+        if tuple(found_shape) != shape:
             raise CheckpointError(
-                f"{key} has shape {tuple(state[key].shape)} but compression_config says {shape}: "
+                f"{key} has shape {tuple(found_shape)} but compression_config says {shape}: "
                 "the checkpoint's tensors and its config.json do not belong together."
             )
-        if dtype is not None and state[key].dtype != dtype:
-            raise CheckpointError(f"{key} is {state[key].dtype}, expected {dtype} for int{bits} storage.")
+        if dtype is not None and found_dtype != dtype:
+            raise CheckpointError(f"{key} is {found_dtype}, expected {dtype} for int{bits} storage.")
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: bool = True):
@@ -192,19 +414,18 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: boo
     compression = getattr(config, "compression_config", None)
     if not compression:
         raise CheckpointError(f"{path}/config.json has no compression_config; load it as a plain model.")
+    layout = SvdCompressQuantizationConfig.of_config(config)
     state = _read_state_dict(path, device)
+    for name in guard_names(layout):  # only there to stop stock transformers (guard_names)
+        state.pop(name, None)
+    check_tensors(layout, {key: (tuple(t.shape), t.dtype) for key, t in state.items()})
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    for name, spec in compression["modules"].items():
-        _check_spec(name, spec, state)
-        module = LowRankLinear(
-            spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
-            storage=spec["storage"], layout=spec["layout"], quant_bits=spec.get("quant_bits"),
-            device="meta",
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+    install_empty_modules_(model, layout)
     _load_strict(model, state, path)
+    from svdcompress.hf_integration import attach_quantizer  # lazy: it builds on this module
+
+    attach_quantizer(model)
     model.to(device).eval()
     tok = None
     if tokenizer and any(path.glob("tokenizer*")):
@@ -232,10 +453,23 @@ def export_dense(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overw
 
     The low-rank modules of ``model`` are replaced by dense ones in place.
     """
+    return save(densify_(model), out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace every low-rank module by the plain layer it computes (fused projections fused
+    again), in place, and forget the compression: ``model`` is then an ordinary transformers model.
+
+    What ``export_dense`` writes and what ``model.dequantize()`` gives after ``from_pretrained``.
+    """
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.to_dense())
+            model.set_submodule(name, module.to_dense())
+    merge_dense_slices_(model)
     if hasattr(model.config, "compression_config"):
         del model.config.compression_config
-    return save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model

@@ -14,8 +14,10 @@ import pkgutil
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from svdcompress import commands
+from svdcompress.commands._vocabulary import VocabularyCommand
 from svdcompress.errors import SvdCompressError
 
 __all__ = ["app", "main"]
@@ -66,6 +68,9 @@ def _register_commands() -> None:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{commands.__name__}.{info.name}").register(app)
+    for command in app.registered_commands:  # old option spellings keep working (with a warning)
+        if command.cls in (None, TyperCommand):
+            command.cls = VocabularyCommand
 
 
 _register_commands()

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdcompress import __version__
+from svdcompress import __version__, distributed
 from svdcompress.calibration import Calibration, ModuleStats, run_sequential
 from svdcompress.config import CompressionConfig
 from svdcompress.errors import CalibrationError, ConfigError
+from svdcompress.hf_integration import attach_quantizer
 from svdcompress.linalg import (
     Factors,
     break_even_rank,
@@ -26,12 +27,12 @@ from svdcompress.linalg import (
     relative_weight_error,
 )
 from svdcompress.methods import get_method
-from svdcompress.modules import LowRankLinear, dense_weight, stored_numbers
+from svdcompress.modules import LowRankLinear, dense_weight, fused_specs, stored_numbers
 from svdcompress.quantize import quantize_module
 from svdcompress.refine import LayerObjective, RefineResult, RefineSettings, refine_factors
 from svdcompress.targets import Target, find_targets
 
-__all__ = ["CompressionReport", "ModuleReport", "compress_", "resolve_ranks"]
+__all__ = ["CompressionReport", "ModuleReport", "compress_", "compression_record", "resolve_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,11 @@ class _Compressor:
         self.specs: dict[str, dict] = {}
 
     def compress_module(self, name: str, stats: ModuleStats | None) -> None:
-        module = self.model.get_submodule(name)
-        weight = dense_weight(module).detach()
+        self.install(name, stats, *self.factorize(name, stats))
+
+    def factorize(self, name: str, stats: ModuleStats | None) -> tuple[Factors, RefineResult | None]:
+        """The expensive part, which under torch.distributed one rank computes for all of them."""
+        weight = dense_weight(self.model.get_submodule(name)).detach()
         factors = self.method.factorize(weight, self.ranks[name], stats, self.extras.get(name), self.config)
         if self.config.update and stats is not None:
             left = least_squares_left(weight, factors.right, stats.gram, stats.cross)
@@ -195,6 +199,13 @@ class _Compressor:
             factors = refined.factors
         if not (torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
             raise CalibrationError(f"{name}: factorization produced NaN/inf (degenerate statistics).")
+        return factors, refined
+
+    def install(self, name: str, stats: ModuleStats | None, factors: Factors,
+                refined: RefineResult | None) -> None:
+        """Swap in the low-rank module built from ``factors`` and write its report line."""
+        module = self.model.get_submodule(name)
+        weight = dense_weight(module).detach()
         dtype = weight.dtype
         factors = Factors(factors.left.to(dtype), factors.right.to(dtype), factors.notes)
         new = LowRankLinear.from_linear(module, factors, storage=self.config.storage)
@@ -279,6 +290,7 @@ def compress_(
     """
     start = time.perf_counter()
     calibration = _as_calibration(calibration)
+    distributed.check_compression_inputs(model, config, calibration)  # under torchrun; first
     _check_token_ids(model, calibration)
     targets = find_targets(model, config.targets, config.exclude)
     excluded = _excluded(model, config, targets)  # before the swap: afterwards a role may be gone
@@ -295,14 +307,17 @@ def compress_(
     method = get_method(config)
     extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
     compressor = _Compressor(model, config, ranks, method, extras)
-    by_name = {t.name: t for t in targets}
+    sizes = {t.name: t.out_features * t.in_features for t in targets}  # factorization cost
     if calibration is None:
         for target in tqdm(targets, desc=f"{config.method} factorizing", leave=False):
             compressor.compress_module(target.name, None)
     else:
         def compress_block(_index: int, stats: dict[str, ModuleStats]) -> None:
-            for name in stats:
-                compressor.compress_module(by_name[name].name, stats[name])
+            # Under torchrun one rank factorizes each module and broadcasts it (distributed.py).
+            distributed.spread_factorization(
+                stats, lambda name: compressor.factorize(name, stats[name]),
+                lambda name, factors, refined: compressor.install(name, stats[name], factors, refined),
+                sizes)
 
         run_sequential(model, targets, calibration, compress_block,
                        batch_size=config.calib_batch_size, track_original=config.update)
@@ -316,16 +331,25 @@ def compress_(
         config=config.to_dict(),
         **excluded,
     )
-    model.config.compression_config = _merged_compression_config(model, {
+    model.config.compression_config = compression_record(model, config, compressor.specs, report,
+                                                         importance, base)
+    attach_quantizer(model)  # model.save_pretrained then writes what from_pretrained reads
+    logger.info("compressed %d modules: %s", len(targets), report.summary())
+    return report
+
+
+def compression_record(model: nn.Module, config: CompressionConfig, specs: dict,
+                       report: CompressionReport, importance, base: dict) -> dict:
+    """``config.compression_config`` of a model just compressed (streaming.py writes the same)."""
+    return _merged_compression_config(model, {
         "config": config.to_dict(),
-        "modules": compressor.specs,
+        "modules": specs,
+        "fused": fused_specs(model),  # split fused projections (GPT-2 c_attn): load splits them again
         "calibration": report.calibration,
         "importance": None if importance is None else importance.source,
         "library_version": __version__,
         **base,
     })
-    logger.info("compressed %d modules: %s", len(targets), report.summary())
-    return report
 
 
 def _base_model(model: nn.Module) -> dict[str, str]:

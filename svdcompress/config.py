@@ -36,6 +36,7 @@ __all__ = [
     "config_from_dict",
     "load_recipe",
     "preset",
+    "read_recipe_file",
 ]
 
 FORMAT_VERSION = 1
@@ -254,8 +255,21 @@ def method_names() -> list[str]:
     return sorted(_CONFIG_TYPES)
 
 
+# Sections of a recipe that are not settings: the text the windows came from, the model it is for,
+# who wrote it (svdcompress.recipe writes them beside every checkpoint; provenance.py stamps files).
+RECIPE_SECTIONS = ("data", "base_model", "provenance")
+
+
 def load_recipe(path: str | Path) -> CompressionConfig:
     """A YAML or JSON file holding one config dict (with its ``method``)."""
+    data = read_recipe_file(path)
+    for section in RECIPE_SECTIONS:
+        data.pop(section, None)
+    return config_from_dict(data)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML or JSON recipe file holds, settings and sections alike."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist.")
@@ -274,8 +288,7 @@ def load_recipe(path: str | Path) -> CompressionConfig:
         raise ConfigError(f"recipe {path} is not valid YAML ({reason}); fix the file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must hold a mapping of settings, got {type(data).__name__}")
-    data.pop("provenance", None)  # who wrote the file (svdcompress.provenance), not a setting
-    return config_from_dict(data)
+    return data
 
 
 def preset(name: str, method: str = "svd", **overrides: Any) -> CompressionConfig:

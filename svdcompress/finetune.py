@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdcompress import distributed
 from svdcompress.devices import resolve_device
 from svdcompress.errors import ConfigError, DatasetError
 from svdcompress.provenance import model_digest
@@ -404,6 +405,8 @@ def finetune_(
     state_path = Path(state_dir) if state_dir is not None else None
     fingerprint = {"model": model_digest(model), "data": _rows_digest(rows),
                    "settings": config.fingerprinted()}
+    if distributed.init_from_env():  # torchrun: refuse disagreeing ranks before the Trainer starts
+        distributed.check_agreement(**{k: distributed.digest(v) for k, v in fingerprint.items()})
     if state_path is not None:
         _check_resume(state_path, fingerprint, resume)
     elif resume:
@@ -431,7 +434,8 @@ def finetune_(
         output_dir=str(scratch),
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
-        per_device_train_batch_size=config.batch_size,
+        # Under torchrun batch_size stays the global batch: the loss curve is the 1-process one.
+        per_device_train_batch_size=distributed.per_rank_batch(config.batch_size),
         gradient_accumulation_steps=config.gradient_accumulation,
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup,

@@ -30,7 +30,16 @@ from transformers.pytorch_utils import Conv1D
 from svdcompress.linalg import SUPPORTED_QUANT_BITS, Factors, dequantize, quantize_symmetric
 from svdcompress.runtime import PackCache, fbgemm_linear, fbgemm_usable, int8_linear
 
-__all__ = ["LowRankLinear", "stored_numbers", "tensor_layout"]
+__all__ = [
+    "LowRankLinear",
+    "SlicedLinear",
+    "fused_specs",
+    "merge_dense_slices_",
+    "split_fused_",
+    "stored_numbers",
+    "tensor_layout",
+    "unsplit_state_dict",
+]
 
 Layout = Literal["linear", "conv1d"]
 Storage = Literal["factored", "dense"]
@@ -64,7 +73,7 @@ def tensor_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype | 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """(out, in) weight of an ``nn.Linear``, a ``Conv1D`` or a ``LowRankLinear``."""
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, LowRankLinear | SlicedLinear):
         return module.dense_weight()
     if isinstance(module, Conv1D):
         return module.weight.T
@@ -260,6 +269,166 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"storage={self.storage}{quant}, bias={self.bias is not None}"
         )
+
+
+class SlicedLinear(nn.Module):
+    """A fused projection held as one linear layer per logical slice, outputs concatenated.
+
+    GPT-2's ``c_attn`` (a ``Conv1D`` computing [q | k | v]), Phi-3's ``qkv_proj`` and
+    ``gate_up_proj`` apply several logical matrices in one. Compressing the fused matrix as a whole
+    would give Q, K and V one shared rank and make ``qko`` impossible; split into slices (children
+    named ``q_proj``, ``k_proj``, ``v_proj`` or ``gate_proj``, ``up_proj``), each is an ordinary
+    ``nn.Linear`` that can be compressed or left alone, and the module computes the same function
+    as the fused layer: ``y = cat([slice(x) for slice in slices], -1)``.
+
+    ``layout`` remembers what was split (``linear`` or ``conv1d``) so ``to_fused`` gives it back.
+    """
+
+    def __init__(self, slices: dict[str, int], in_features: int, *, bias: bool = True,
+                 layout: Layout = "linear", device=None, dtype=None) -> None:
+        super().__init__()
+        self.slice_sizes = dict(slices)  # child name -> out_features, in output order
+        self.in_features, self.out_features = in_features, sum(slices.values())
+        self.layout = layout
+        for name, size in slices.items():
+            self.add_module(name, nn.Linear(in_features, size, bias=bias, device=device, dtype=dtype))
+
+    @classmethod
+    @torch.no_grad()
+    def from_fused(cls, module: nn.Module, slices: dict[str, int]) -> SlicedLinear:
+        """Split an ``nn.Linear`` or ``Conv1D`` whose output rows are the slices, in order."""
+        weight = dense_weight(module).detach()  # (out, in)
+        if weight.shape[0] != sum(slices.values()):
+            raise ValueError(f"slices {slices} do not add up to {weight.shape[0]} output features")
+        new = cls(slices, weight.shape[1], bias=module.bias is not None,
+                  layout="conv1d" if isinstance(module, Conv1D) else "linear",
+                  device=weight.device, dtype=weight.dtype)
+        start = 0
+        for name, size in slices.items():
+            child = getattr(new, name)
+            child.weight.copy_(weight[start : start + size])
+            if module.bias is not None:
+                child.bias.copy_(module.bias.detach()[start : start + size])
+            start += size
+        return new
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, device=None, dtype=None) -> SlicedLinear:
+        return cls(dict(spec["slices"]), spec["in_features"], bias=spec["bias"],
+                   layout=spec["layout"], device=device, dtype=dtype)
+
+    def spec(self) -> dict:
+        """What ``checkpoint.load`` needs to split the fused module again before loading tensors.
+
+        Slices are [name, out_features] pairs: their order is the output order, and config.json
+        is written with sorted keys, which would reorder a mapping.
+        """
+        return {"slices": [[n, size] for n, size in self.slice_sizes.items()],
+                "in_features": self.in_features,
+                "bias": self.bias_present, "layout": self.layout}
+
+    @property
+    def bias_present(self) -> bool:
+        return getattr(self, next(iter(self.slice_sizes))).bias is not None
+
+    @property
+    def all_dense(self) -> bool:
+        """No slice compressed: the module is still exactly the fused layer it came from."""
+        return all(type(getattr(self, name)) is nn.Linear for name in self.slice_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, name)(x) for name in self.slice_sizes], dim=-1)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) fused matrix this module applies."""
+        return torch.cat([dense_weight(getattr(self, name)) for name in self.slice_sizes])
+
+    def fused_bias(self) -> torch.Tensor | None:
+        if not self.bias_present:
+            return None
+        return torch.cat([getattr(self, name).bias for name in self.slice_sizes])
+
+    @torch.no_grad()
+    def to_fused(self) -> nn.Module:
+        """The plain ``nn.Linear`` (or ``Conv1D``) this module computes, rank-r slices made dense."""
+        weight, bias = self.dense_weight().detach(), self.fused_bias()
+        if self.layout == "conv1d":
+            fused = Conv1D(self.out_features, self.in_features).to(weight.device, weight.dtype)
+            fused.weight.copy_(weight.T)
+        else:
+            fused = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            fused.weight.copy_(weight)
+        if bias is not None:
+            fused.bias.copy_(bias)
+        return fused
+
+    def fused_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the fused layer (``weight`` in its own layout, ``bias``)."""
+        weight = self.dense_weight().detach()
+        state = {"weight": weight.T if self.layout == "conv1d" else weight}
+        if self.bias_present:
+            state["bias"] = self.fused_bias().detach()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"slices={self.slice_sizes}, in_features={self.in_features}, layout={self.layout}"
+
+
+def split_fused_(model: nn.Module, slices: dict[str, dict[str, int] | dict]) -> list[str]:
+    """Replace each named fused module by a :class:`SlicedLinear`, in place; returns those split.
+
+    ``slices`` maps a module name to ``{slice name: out_features}`` (a live module: its weights are
+    copied) or to a ``SlicedLinear.spec()`` (a model on the meta device being rebuilt for loading).
+    Names already split are left as they are.
+    """
+    done = []
+    for name, value in slices.items():
+        module = model.get_submodule(name)
+        if isinstance(module, SlicedLinear):
+            continue
+        if "slices" in value:  # a spec: shapes only, the checkpoint's tensors arrive later
+            new = SlicedLinear.from_spec(value, device=module.weight.device, dtype=module.weight.dtype)
+        else:
+            new = SlicedLinear.from_fused(module, value)
+        model.set_submodule(name, new)
+        done.append(name)
+    return done
+
+
+def merge_dense_slices_(model: nn.Module) -> list[str]:
+    """Put every :class:`SlicedLinear` whose slices are all still dense back as its fused layer.
+
+    A plain model must stay loadable by stock transformers: splitting is an internal
+    representation that only compressed slices need on disk.
+    """
+    merged = [name for name, m in model.named_modules() if isinstance(m, SlicedLinear) and m.all_dense]
+    for name in merged:
+        model.set_submodule(name, model.get_submodule(name).to_fused())
+    return merged
+
+
+def fused_specs(model: nn.Module) -> dict[str, dict]:
+    """Name -> spec of every split fused module: what a checkpoint records to rebuild them."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, SlicedLinear)}
+
+
+def unsplit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every all-dense :class:`SlicedLinear` shown as its fused layer.
+
+    The same weights then have the same names and shapes whether or not a fused projection was
+    split (fingerprints of the original model must not depend on it).
+    """
+    dense_split = {name: m for name, m in model.named_modules()
+                   if isinstance(m, SlicedLinear) and m.all_dense}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        owner = key.rsplit(".", 2)[0]
+        if owner not in dense_split:
+            state[key] = tensor
+        elif f"{owner}.weight" not in state:
+            state.update({f"{owner}.{k}": v for k, v in dense_split[owner].fused_state().items()})
+    return state
 
 
 def stored_numbers(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from svdcompress import __version__
 from svdcompress.config import _check_quant_bits
 from svdcompress.errors import ConfigError, QuantizationError
-from svdcompress.modules import LowRankLinear, dense_weight
+from svdcompress.modules import LowRankLinear, dense_weight, fused_specs
 from svdcompress.targets import find_targets
 
 __all__ = ["BASELINE_METHOD", "quantize_factors_", "quantize_module", "quantize_weights_"]
@@ -99,7 +99,8 @@ def quantize_weights_(
     settings = {"method": BASELINE_METHOD, "quant_bits": bits, "targets": list(targets),
                 "exclude": list(exclude)}
     model.config.compression_config = {
-        "config": settings, "modules": specs, "calibration": None, "importance": None,
+        "config": settings, "modules": specs, "fused": fused_specs(model), "calibration": None,
+        "importance": None,
         "library_version": __version__,
     }
     summary = {"modules": len(specs), "target_bytes_before": before, "target_bytes_after": after}

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdcompress import distributed
 from svdcompress.checkpoint import atomic_folder, save
 from svdcompress.errors import CheckpointError, ConfigError
 from svdcompress.linalg import balance_factors
@@ -296,24 +297,37 @@ class _Run:
         """One optimisation step; returns a stop reason, or None to go on."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.settings, step)
-        batch = self.windows[_batch_indices(len(self.windows), self.settings, step)].to(self.device)
-        loss = _forward_loss(self.student, self.teacher, batch)
-        if not torch.isfinite(loss):
+        loss = self.loss(step)
+        value = self.global_loss(loss)  # the whole batch's, so every rank takes the same decision
+        if not torch.isfinite(value):
             self.snapshot.restore()
-            self.notes.append(f"loss became {loss.item()} at step {step}; stopped and restored the "
+            self.notes.append(f"loss became {value.item()} at step {step}; stopped and restored the "
                               f"weights of step {self.snapshot.step}; lower the learning rate")
             return "nan-loss"
         self.snapshot.take(step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.grad_clip)
+        self.backward(loss)
+        norm = self.clip_gradients()
         if not torch.isfinite(norm):
             self.notes.append(f"gradient norm {norm.item()} at step {step}; stopped before applying "
                               "it (weights of that step kept); lower the learning rate")
             return "nonfinite-gradient"
         self.optimizer.step()
-        self.losses.append(loss.item())
+        self.losses.append(value.item())
         return None
+
+    def loss(self, step: int) -> torch.Tensor:
+        batch = self.windows[_batch_indices(len(self.windows), self.settings, step)].to(self.device)
+        return _forward_loss(self.student, self.teacher, batch)
+
+    def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss.detach()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_gradients(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.settings.grad_clip)
 
     def save_state(self, step: int) -> None:
         if self.state_dir is not None:
@@ -336,6 +350,71 @@ class _Run:
                 if step % settings.checkpoint_every == 0 and step < settings.steps:
                     self.save_state(step)
         return step, stopped
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """The global batches of steps ``first``… as :func:`_batch_indices` picks them, so a resumed
+    or distributed run sees the windows a single uninterrupted run would see."""
+
+    def __init__(self, n_windows: int, settings: RecoverySettings, first: int) -> None:
+        self.n_windows, self.settings, self.first = n_windows, settings, first
+        self.batch_size = settings.batch_size  # accelerate splits batches of this size evenly
+
+    def __iter__(self):
+        for step in range(self.first, self.settings.steps):
+            yield _batch_indices(self.n_windows, self.settings, step).tolist()
+
+    def __len__(self) -> int:
+        return self.settings.steps - self.first
+
+
+class _DistributedRun(_Run):
+    """A run launched by ``torchrun``/``accelerate launch``: accelerate wraps the student (DDP, or
+    FSDP/DeepSpeed when its configuration asks) and gives each rank ``batch_size / world`` windows
+    of every global batch, so the run follows the single-process loss curve at that batch size."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
+
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu",
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+        distributed.per_rank_batch(self.settings.batch_size, len(self.windows))
+        current = self.meta.get("fingerprint") or fingerprint(
+            self.student, self.teacher, self.windows, self.settings)
+        # Before prepare(): DDP would silently copy rank 0's student over a different one.
+        distributed.check_agreement(**{k: distributed.digest(v) for k, v in current.items()})
+        self.device = self.accelerator.device
+        self.teacher.to(self.device)
+        self.model, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
+        self.batches = None
+
+    def loss(self, step: int) -> torch.Tensor:
+        if self.batches is None:  # first step known only now (after a resume)
+            loader = torch.utils.data.DataLoader(
+                self.windows, batch_sampler=_StepBatches(len(self.windows), self.settings, step),
+                collate_fn=torch.stack)
+            self.batches = iter(self.accelerator.prepare(loader))
+        return _forward_loss(self.model, self.teacher, next(self.batches))
+
+    def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        # Every rank holds the same number of tokens, so the mean of means is the batch's mean.
+        return self.accelerator.reduce(loss.detach(), reduction="mean")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_gradients(self) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+
+    def save_state(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            super().save_state(step)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, first_step: int, progress: bool) -> tuple[int, str]:
+        return super().train(first_step, progress and self.accelerator.is_main_process)
 
 
 def recover_(
@@ -373,7 +452,8 @@ def recover_(
     meta = {"fingerprint": fingerprint(student, teacher, windows, settings)} if state_dir else {}
     if not resume:  # a resumed run loads weights that were balanced before they were trained
         balance_(student)
-    run = _Run(student, teacher, windows, settings, params, tokenizer, state_dir, meta)
+    run_type = _DistributedRun if distributed.launched() else _Run  # torchrun: through accelerate
+    run = run_type(student, teacher, windows, settings, params, tokenizer, state_dir, meta)
     first_step = _load_state(state_dir, meta["fingerprint"], run.optimizer, params)[0] if resume else 0
     if first_step:
         logger.info("resuming recovery at step %d of %d", first_step, settings.steps)

@@ -135,7 +135,7 @@ def _tree(folder: Path) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 # The CLI table: (id, arguments, words the one error line must contain, damage to apply first)
 
-COMPRESS = ["compress", "tiny", "--out", "new", "--calib-samples", "2", "--seq-len", "16"]
+COMPRESS = ["compress", "tiny", "--out", "new", "--windows", "2", "--seq-len", "16"]
 RECOVER = ["recover", "ckpt", "--steps", "2", "--seq-len", "16", "--batch-size", "1", "--device", "cpu"]
 
 CLI_ROWS = [
@@ -168,13 +168,13 @@ CLI_ROWS = [
     ("unknown-preset", [*COMPRESS, "--preset", "turbo"], "unknown preset", None),
     ("allocate-options-alone", [*COMPRESS, "--analysis-dir", "a"], "only apply with --allocate", None),
     # data (checked before the model loads)
-    ("calib-samples-zero", [*COMPRESS, "--calib-samples", "0"], "at least 1 window", None),
+    ("windows-zero", [*COMPRESS, "--windows", "0"], "at least 1 window", None),
     ("seq-len-zero", [*COMPRESS, "--seq-len", "0"], "positive number of tokens", None),
-    ("unknown-calib-source", [*COMPRESS, "--calib", "poems"], "unknown text dataset 'poems'", None),
-    ("too-many-windows", [*COMPRESS, "--calib-samples", "100000"], "ask for at most", None),
-    ("empty-corpus", [*COMPRESS, "--calib", "news"], "0 tokens", None),
+    ("unknown-data-source", [*COMPRESS, "--data", "poems"], "unknown text dataset 'poems'", None),
+    ("too-many-windows", [*COMPRESS, "--windows", "100000"], "ask for at most", None),
+    ("empty-corpus", [*COMPRESS, "--data", "news"], "0 tokens", None),
     ("seq-len-beyond-context", ["eval", "tiny", "--seq-len", "4096", "--facts", "0"], "context of 256", None),
-    ("eval-samples-zero", ["eval", "tiny", "--samples", "0"], "at least 1 window", None),
+    ("eval-windows-zero", ["eval", "tiny", "--windows", "0"], "at least 1 window", None),
     ("eval-unknown-data", ["eval", "tiny", "--data", "poems", "--facts", "0"], "unknown text dataset", None),
     # models and folders
     ("missing-model-path", ["eval", "./missing"], "no such file or folder", None),
@@ -330,17 +330,17 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(work, monkeypatch, code, 
 # Fix 5: what needs no model is refused before a model loads (minutes, on a real one)
 
 EARLY_ROWS = [
-    [*COMPRESS, "--calib-samples", "0"],
+    [*COMPRESS, "--windows", "0"],
     [*COMPRESS, "--seq-len", "-4"],
-    [*COMPRESS, "--calib", "poems"],
+    [*COMPRESS, "--data", "poems"],
     [*COMPRESS[:3], "ckpt", *COMPRESS[4:]],
     [*RECOVER, "--seq-len", "0"],
     [*RECOVER, "--device", "tpu9"],
     [*RECOVER, "--data", "poems"],
     ["analyze", "tiny", "--out", "an", "--param-ratio", "1.5"],
     ["analyze", "tiny", "--out", "an", "--fractions", "x"],
-    ["analyze", "tiny", "--out", "an", "--calib-samples", "0"],
-    ["eval", "tiny", "--samples", "0"],
+    ["analyze", "tiny", "--out", "an", "--windows", "0"],
+    ["eval", "tiny", "--windows", "0"],
     ["eval", "tiny", "--data", "poems"],
     ["finetune", "tiny", "--data", "missing.jsonl", "--out", "ft"],
     ["finetune", "tiny", "--data", "missing.jsonl", "--out", "ft", "--device", "tpu9"],

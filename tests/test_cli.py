@@ -35,7 +35,7 @@ def test_eval_prints_a_table_and_writes_json(tiny_folder, tmp_path):
         str(tiny_folder),
         "--seq-len",
         "32",
-        "--samples",
+        "--windows",
         "2",
         "--facts",
         "2",
@@ -62,7 +62,7 @@ def test_optional_sections_can_be_switched(tiny_folder):
         str(tiny_folder),
         "--seq-len",
         "16",
-        "--samples",
+        "--windows",
         "1",
         "--facts",
         "0",
@@ -86,7 +86,7 @@ def test_optional_sections_can_be_switched(tiny_folder):
     [
         (["eval", "no-such-model"], "cannot be reached"),
         (["eval", "./missing"], "no such file or folder"),
-        (["eval", "TINY", "--samples", "0"], "must be at least 1"),
+        (["eval", "TINY", "--windows", "0"], "must be at least 1"),
         (["eval", "TINY", "--seq-len", "4096"], "longer than the model's context of 256"),
     ],
 )

@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import svdcompress as sc
 from svdcompress.errors import CalibrationError, ConfigError
-from svdcompress.modules import LowRankLinear
+from svdcompress.modules import LowRankLinear, SlicedLinear
 from svdcompress.targets import find_targets
 
 ALL_METHODS = [
@@ -66,13 +66,18 @@ def test_full_rank_dense_storage_leaves_logits_unchanged(tiny_model, tiny_window
     torch.testing.assert_close(_logits(tiny_model, tiny_windows), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_gpt2_conv1d_is_replaced_and_exports_back_to_conv1d():
+def test_gpt2_conv1d_is_replaced_per_slice_and_exports_back_to_conv1d():
     model = make_tiny_model("gpt2")
     sc.compress_(model, sc.SVDConfig(param_ratio=0.5, targets=("qkv_proj", "down_proj")))
-    module = model.get_submodule("transformer.h.0.attn.c_attn")
-    assert isinstance(module, LowRankLinear) and module.layout == "conv1d"
-    assert (module.out_features, module.in_features) == (192, 64)
-    assert isinstance(module.to_dense(), Conv1D)
+    fused = model.get_submodule("transformer.h.0.attn.c_attn")  # [q | k | v]: one matrix per slice
+    assert isinstance(fused, SlicedLinear) and fused.layout == "conv1d"
+    for part in ("q_proj", "k_proj", "v_proj"):
+        module = fused.get_submodule(part)
+        assert isinstance(module, LowRankLinear) and (module.out_features, module.in_features) == (64, 64)
+        assert module.rank == 16  # floor(0.5 · 64·64 / 128)
+    down = model.get_submodule("transformer.h.0.mlp.c_proj")
+    assert isinstance(down, LowRankLinear) and down.layout == "conv1d"
+    assert isinstance(down.to_dense(), Conv1D) and isinstance(fused.to_fused(), Conv1D)
     assert isinstance(model.get_submodule("transformer.h.0.attn.c_proj"), Conv1D)  # o_proj untouched
 
 

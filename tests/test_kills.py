@@ -69,7 +69,7 @@ def test_killed_compress_leaves_old_or_new_and_the_next_run_cleans_up(tmp_path, 
     make_tiny_model("llama").save_pretrained(base)
     make_char_tokenizer().save_pretrained(base)
     compress = ["compress", str(base), "--method", "whiten", "--param-ratio", "0.5",
-                "--calib-samples", "4", "--seq-len", "16"]
+                "--windows", "4", "--seq-len", "16"]
     reference = tmp_path / "reference"
     run(env, "none", *compress, "--out", str(reference))
     new = tensors(reference)

@@ -83,14 +83,14 @@ def test_cli_compress_eval_export_end_to_end(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, [
         "compress", "smollm2-135m", "--method", "whiten", "--param-ratio", "0.8", "--targets", "qko",
-        "--calib-samples", "4", "--seq-len", "256", "--out", str(out),
+        "--windows", "4", "--seq-len", "256", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["compression_config"]
     assert config["config"]["method"] == "whiten" and len(config["modules"]) == 90
     assert config["base_model"] == "smollm2-135m" and "wiki:calib" in config["calibration"]
 
-    result = runner.invoke(app, ["eval", str(out), "--samples", "8", "--seq-len", "256",
+    result = runner.invoke(app, ["eval", str(out), "--windows", "8", "--seq-len", "256",
                                  "--second-domain", "none", "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]

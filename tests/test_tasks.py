@@ -188,7 +188,7 @@ def test_cli_tasks_with_reference_show_paired_statistics(tiny_folder_for_tasks, 
     out = tmp_path / "r.json"
     folder = str(tiny_folder_for_tasks)
     result = runner.invoke(app, [
-        "eval", folder, "--reference", folder, "--seq-len", "32", "--samples", "2", "--facts",
+        "eval", folder, "--reference", folder, "--seq-len", "32", "--windows", "2", "--facts",
         "2", "--second-domain", "none", "--tasks", "misconceptions,truthfulqa_mc1", "--limit", "2",
         "--json", str(out)])
     assert result.exit_code == 0, result.output

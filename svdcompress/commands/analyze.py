@@ -10,9 +10,18 @@ from typing import Annotated, Any
 import typer
 
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import (
+    DEFAULT_DATA,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    DEVICE_HELP,
+    write_json,
+)
 from svdcompress.errors import ConfigError
 
-__all__ = ["register", "run_analyze"]
+__all__ = ["analyze_model", "register", "run_analyze"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +105,45 @@ def run_analyze(model, tokenizer, calibration, out: Path, *, targets=("all-linea
     return summary
 
 
+def analyze_model(model_spec: str, out: Path, *, data: str = DEFAULT_DATA,
+                  windows: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN,
+                  seed: int = DEFAULT_SEED, device: str = "cpu", eval_windows: int = 4,
+                  probe_windows: int = 2, diagnose: tuple[str, ...] = ("allocated",),
+                  **options: Any) -> dict[str, Any]:
+    """Load ``model_spec``, read calibration (and held-out) windows, and :func:`run_analyze`.
+
+    ``options``: the rest of :func:`run_analyze`'s settings (targets, exclude, fractions,
+    probe_len, ratios, min_rank, rank_step). ``diagnose=()`` skips the diagnostics.
+    """
+    from svdcompress.commands.compress import _calibration
+    from svdcompress.config import WhitenConfig
+    from svdcompress.datasets import check_window_request, token_windows
+    from svdcompress.devices import resolve_device
+    from svdcompress.zoo import load_model
+
+    _check_budgets(tuple(options.get("ratios", (0.8,))))  # all that needs no model, before one loads
+    check_window_request(seq_len, windows, source=data)
+    loaded, tokenizer = load_model(model_spec, device=resolve_device(device))
+    calibration = _calibration(tokenizer, loaded, WhitenConfig(param_ratio=0.8), data, windows,
+                               seq_len, seed)
+    held_out = None if not diagnose else token_windows(
+        tokenizer, data, "eval", seq_len=seq_len, n_samples=eval_windows, seed=seed)
+    return run_analyze(loaded, tokenizer, calibration, out, probe_samples=probe_windows,
+                       diagnose=diagnose, eval_windows=held_out, **options)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def analyze(
         model: Annotated[str, typer.Argument(help="alias, local folder, .gguf file or hub id")] = "smollm2-135m",
         out: Annotated[Path, typer.Option(help="analysis folder (cache, JSON, report, plots)")] = ...,
-        calib: Annotated[str, typer.Option(help="calibration text source")] = "wiki",
-        calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 64,
-        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 512,
+        data: Annotated[str, typer.Option(help="calibration text source")] = DEFAULT_DATA,
+        windows: Annotated[int, typer.Option(help="calibration windows")] = DEFAULT_WINDOWS,
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = DEFAULT_SEQ_LEN,
         targets: Annotated[list[str] | None, typer.Option(help="groups, roles, suffixes or regexes")] = None,
         exclude: Annotated[list[str] | None, typer.Option(help="patterns left out")] = None,
-        probe_samples: Annotated[int, typer.Option(help="windows in the sensitivity probe")] = 2,
+        probe_windows: Annotated[int, typer.Option(
+            help="calibration windows (the first ones) in the sensitivity probe")] = 2,
         probe_len: Annotated[int, typer.Option(help="tokens per probe window")] = 256,
         fractions: Annotated[str, typer.Option(help="parameter fractions where KL is measured")] = "0.7,0.35",
         param_ratio: Annotated[list[float] | None, typer.Option(help="budgets to allocate (repeatable)")] = None,
@@ -115,29 +152,25 @@ def register(app: typer.Typer) -> None:
         diagnose: Annotated[list[str] | None, typer.Option(
             help="policies to apply and diagnose at the first budget: allocated, uniform")] = None,
         no_diagnose: Annotated[bool, typer.Option("--no-diagnose", help="skip diagnostics")] = False,
-        eval_samples: Annotated[int, typer.Option(help="held-out windows for diagnostics")] = 4,
+        eval_windows: Annotated[int, typer.Option(help="held-out windows for diagnostics")] = 4,
+        seed: Annotated[int, typer.Option(help="picks the windows")] = DEFAULT_SEED,
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+        json_out: Annotated[Path | None, typer.Option(
+            "--json", help="also write the summary (analysis.json's content) here")] = None,
     ) -> None:
         """Measure where compression hurts MODEL, allocate ranks, and write a report to --out."""
         with handle_errors():
-            from svdcompress.commands.compress import _calibration, _split_list
-            from svdcompress.config import WhitenConfig
-            from svdcompress.datasets import check_window_request, token_windows
-            from svdcompress.zoo import load_model
+            from svdcompress.commands.compress import _split_list
 
-            parsed_fractions, ratios = _parse_fractions(fractions), tuple(param_ratio or [0.8])
-            _check_budgets(ratios)  # everything that needs no model is checked before one loads
-            check_window_request(seq_len, calib_samples, source=calib)
-            loaded, tokenizer = load_model(model)
-            calibration = _calibration(tokenizer, loaded, WhitenConfig(param_ratio=0.8), calib,
-                                       calib_samples, seq_len, 0)
-            windows = None if no_diagnose else token_windows(
-                tokenizer, calib, "eval", seq_len=seq_len, n_samples=eval_samples, seed=0)
-            summary = run_analyze(
-                loaded, tokenizer, calibration, out, targets=_split_list(targets) or ("all-linear",),
-                exclude=_split_list(exclude) or (), fractions=parsed_fractions,
-                probe_samples=probe_samples, probe_len=probe_len, ratios=ratios,
-                min_rank=min_rank, rank_step=rank_step, diagnose=tuple(diagnose or ["allocated"]),
-                eval_windows=windows,
+            summary = analyze_model(
+                model, out, data=data, windows=windows, seq_len=seq_len, seed=seed, device=device,
+                targets=_split_list(targets) or ("all-linear",), exclude=_split_list(exclude) or (),
+                fractions=_parse_fractions(fractions), probe_windows=probe_windows,
+                probe_len=probe_len, ratios=tuple(param_ratio or [0.8]), min_rank=min_rank,
+                rank_step=rank_step, diagnose=() if no_diagnose else tuple(diagnose or ["allocated"]),
+                eval_windows=eval_windows,
             )
             typer.echo(f"analysed {len(summary['modules'])} modules in "
                        f"{summary['analysis_seconds']:.0f} s; report: {out / 'report.md'}")
+            if json_out is not None:
+                write_json(json_out, summary)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import DEFAULT_DEVICE, DEVICE_HELP, write_json
 
 __all__ = ["register"]
 
@@ -31,10 +31,12 @@ def register(app: typer.Typer) -> None:
         batch_sizes: Annotated[str, typer.Option(help="decode batch sizes, comma-separated")] = "1,8",
         kernel: Annotated[str, typer.Option(
             help="int8 kernel: auto, dequant, int_mm, fbgemm, int8pack")] = "auto",
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     ) -> None:
         """Prefill and decode tokens/s, peak RSS, bytes of weights and load time, side by side."""
         with handle_errors():
             from svdcompress.bench import BenchSettings, format_table, run_bench
+            from svdcompress.devices import resolve_device
             from svdcompress.errors import ConfigError
             from svdcompress.runtime import KERNELS
 
@@ -51,10 +53,9 @@ def register(app: typer.Typer) -> None:
                 batch_sizes=sizes, warmup=warmup, runs=runs, rounds=rounds, kernel=kernel,
                 # workers are fresh processes: pass the count on (the global --threads sets ours)
                 threads=threads or torch.get_num_threads(),
+                device=str(resolve_device(device)),  # resolved here: workers get a concrete one
             )
             result = run_bench(models or ["smollm2-135m"], against, settings)
             typer.echo(format_table(result))
             if json_out is not None:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps(result, indent=2))
-                typer.echo(f"wrote {json_out}")
+                write_json(json_out, result)

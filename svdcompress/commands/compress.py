@@ -9,7 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
+from svdcompress import distributed
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import (
+    DEFAULT_DATA,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    DEVICE_HELP,
+    write_json,
+)
 from svdcompress.config import (
     CompressionConfig,
     config_from_dict,
@@ -18,6 +28,7 @@ from svdcompress.config import (
     preset,
 )
 from svdcompress.errors import ConfigError
+from svdcompress.recipe import check_base_model, recipe_data
 
 __all__ = ["build_config", "register"]
 
@@ -99,15 +110,21 @@ def _importance(model, tokenizer, config, n_facts: int, seed: int):
     )
 
 
+def _wants_windows(config: CompressionConfig, error_report: bool) -> bool:
+    """Data-aware settings need calibration text; plain svd is data-free and reads text only to
+    report each layer's output error (--error-report: a calibration pass through every block)."""
+    return config.uses_calibration or (config.method == "svd" and error_report)
+
+
 def _check_before_loading(config: CompressionConfig, out: Path, *, overwrite: bool, calib: str,
                           calib_samples: int, seq_len: int, n_facts: int,
-                          allocation: dict | None) -> None:
+                          allocation: dict | None, error_report: bool = False) -> None:
     """Everything that needs no model is checked first: fail before minutes of loading."""
     from svdcompress.datasets import check_window_request
 
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
-    if config.uses_calibration or config.method == "svd" or allocation is not None:
+    if _wants_windows(config, error_report) or allocation is not None:
         check_window_request(seq_len, calib_samples, source=calib)
     if config.method == "importance" and n_facts < 1:
         raise ConfigError(f"--facts {n_facts}: the importance method needs at least 1 fact prompt.")
@@ -115,16 +132,34 @@ def _check_before_loading(config: CompressionConfig, out: Path, *, overwrite: bo
 
 def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib: str,
                  calib_samples: int, seq_len: int, n_facts: int, overwrite: bool,
-                 allocation: dict | None = None) -> dict:
+                 allocation: dict | None = None, error_report: bool = False,
+                 stream: bool | None = None, max_memory: str | None = None,
+                 device: str = "cpu", recipe: Path | None = None) -> dict:
+    """``recipe``: the file ``config`` came from; one recorded for another base model is refused."""
     from svdcompress.checkpoint import save
     from svdcompress.compress import compress_
+    from svdcompress.devices import resolve_device
     from svdcompress.zoo import load_model
 
+    distributed.init_from_env()  # under torchrun: join the other ranks (distributed.py)
     _check_before_loading(config, out, overwrite=overwrite, calib=calib, calib_samples=calib_samples,
-                          seq_len=seq_len, n_facts=n_facts, allocation=allocation)
-    model, tokenizer = load_model(model_spec)
+                          seq_len=seq_len, n_facts=n_facts, allocation=allocation,
+                          error_report=error_report)
+    device = resolve_device(device)  # a missing GPU fails here, before anything loads
+    device = distributed.local_device(device)  # under torchrun: each rank its own GPU
+    windows = (calib_samples, seq_len) if _wants_windows(config, error_report) else None
+    folder = _streaming_folder(model_spec, config, windows, stream, max_memory, allocation)
+    if folder is not None and distributed.is_distributed():
+        raise ConfigError("streaming compression runs in one process: launch it without torchrun, "
+                          "or pass --no-stream when the model fits in memory.")
+    if folder is not None:
+        return _run_streaming(model_spec, folder, config, out, calib=calib, windows=windows,
+                              overwrite=overwrite, max_memory=max_memory)
+    model, tokenizer = load_model(model_spec, device=device)
+    if recipe is not None:
+        check_base_model(recipe, model, model_spec)
     calibration = None
-    if config.uses_calibration or config.method == "svd":
+    if windows is not None:
         calibration = _calibration(tokenizer, model, config, calib, calib_samples, seq_len, config.seed)
     if allocation is not None:
         config, calibration = _allocate(model, tokenizer, config, calibration, allocation,
@@ -133,8 +168,57 @@ def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib
     report = compress_(model, config, calibration, importance=importance)
     model.config.compression_config["base_model"] = model_spec
     report_json = json.dumps(report.to_dict(), indent=2)
-    save(model, out, tokenizer=tokenizer, overwrite=overwrite,
-         extra_files={"compression_report.json": report_json})
+    if distributed.is_main():  # every rank holds the same model; one writes it
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite,
+             extra_files={"compression_report.json": report_json}, command=_command_line(),
+             data={"source": calib, "windows": calib_samples, "seq_len": seq_len, "facts": n_facts})
+    distributed.barrier()
+    return report.summary()
+
+
+# --- issue 12: models larger than memory stream block by block (svdcompress.streaming) ---
+
+
+def _streaming_folder(model_spec: str, config: CompressionConfig, windows, stream: bool | None,
+                      max_memory: str | None, allocation: dict | None) -> Path | None:
+    """The model folder to stream from, or None to compress in memory. ``stream=None``: stream
+    when the in-memory path would not fit ``max_memory`` (default: the machine's available memory)."""
+    from svdcompress.streaming import needs_streaming
+    from svdcompress.zoo import resolve_model_spec
+
+    if stream is False:
+        return None
+    folder = Path(resolve_model_spec(model_spec))
+    if not (folder.is_dir() and any(folder.glob("*.safetensors"))):
+        if stream:
+            raise ConfigError(f"--stream reads a local folder of safetensors shards; {model_spec} is not one.")
+        return None
+    if not stream:
+        stream, reason = needs_streaming(folder, config, windows=windows, max_memory=max_memory)
+        if not stream:
+            return None
+        logger.warning("streaming block by block: %s", reason)
+    if allocation is not None:
+        raise ConfigError("--allocate measures sensitivity on the whole model in memory; it does "
+                          "not stream. Run `svdcompress analyze` where the model fits, or drop --allocate.")
+    return folder
+
+
+def _run_streaming(model_spec: str, folder: Path, config: CompressionConfig, out: Path, *, calib: str,
+                   windows, overwrite: bool, max_memory: str | None) -> dict:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from svdcompress.streaming import compress_streaming
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration = None
+    if windows is not None:
+        shell = SimpleNamespace(config=AutoConfig.from_pretrained(folder))  # max_position_embeddings
+        calibration = _calibration(tokenizer, shell, config, calib, *windows, config.seed)
+    report = compress_streaming(folder, config, out, calibration=calibration, tokenizer=tokenizer,
+                                max_memory=max_memory, overwrite=overwrite, base_model=model_spec)
     return report.summary()
 
 
@@ -157,9 +241,34 @@ def _allocation_options(allocate: bool, analysis_dir: Path | None, byte_budget: 
     return {"analysis_dir": analysis_dir, "byte_budget": byte_budget}
 
 
+def _importance_flags(method: str | None, mode: str | None) -> dict[str, str]:
+    if mode is None:
+        return {}
+    if method not in (None, "importance"):
+        raise ConfigError(f"--importance-mode applies to --method importance, not {method!r}.")
+    return {"mode": mode}
+
+
+def _command_line() -> str:
+    """This command as typed (the program by its name, not its path), for the model card."""
+    import sys
+
+    from svdcompress.provenance import provenance
+
+    return provenance([Path(sys.argv[0]).name, *sys.argv[1:]])["command"]
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed the option (a default must not override a recipe's or preset's value)."""
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's class.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def compress(
+        ctx: typer.Context,
         model: Annotated[str, typer.Argument(help="alias, local folder, .gguf file or hub id")] = "smollm2-135m",
         out: Annotated[Path, typer.Option(help="output checkpoint folder")] = ...,
         method: Annotated[str | None, typer.Option(help=f"one of {method_names()} (default whiten)")] = None,
@@ -180,11 +289,15 @@ def register(app: typer.Typer) -> None:
             help="refinement step size, relative to each factor's RMS (default 0.03)")] = None,
         preset_name: Annotated[str | None, typer.Option("--preset", help="cf90 or k-only")] = None,
         recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with config fields")] = None,
-        calib: Annotated[str, typer.Option(help="calibration text source")] = "wiki",
-        calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 64,
-        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 512,
+        data: Annotated[str, typer.Option(help="calibration text source")] = DEFAULT_DATA,
+        windows: Annotated[int, typer.Option(help="calibration windows")] = DEFAULT_WINDOWS,
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = DEFAULT_SEQ_LEN,
         facts: Annotated[int, typer.Option(help="fact items for the importance method")] = 256,
-        seed: Annotated[int | None, typer.Option(help="seed for data selection")] = None,
+        importance_mode: Annotated[str | None, typer.Option(
+            help="importance method: fisher (default: Σ over fact batches of (σᵢ uᵢᵀ G vᵢ)²) or "
+            "taylor (|Σ σᵢ uᵢᵀ G vᵢ|, where batches of opposite sign cancel)")] = None,
+        seed: Annotated[int, typer.Option(
+            help="seed for data selection (a --recipe or --preset keeps its own unless given)")] = DEFAULT_SEED,
         overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
         allocate: Annotated[bool, typer.Option(
             "--allocate", help="per-module ranks from measured sensitivity, --param-ratio as a "
@@ -193,6 +306,17 @@ def register(app: typer.Typer) -> None:
             help="with --allocate: analysis cache folder (as written by `analyze --out`)")] = None,
         byte_budget: Annotated[int | None, typer.Option(
             help="with --allocate: a global budget in bytes instead of --param-ratio")] = None,
+        error_report: Annotated[bool, typer.Option(
+            "--error-report/--no-error-report",
+            help="svd: also measure each layer's output error on calibration text (a pass "
+            "through every block); data-aware methods always report it")] = False,
+        stream: Annotated[bool | None, typer.Option(
+            "--stream/--no-stream", help="compress block by block from the safetensors shards "
+            "(default: when the model does not fit --max-memory)")] = None,
+        max_memory: Annotated[str | None, typer.Option(
+            help="memory budget, e.g. 12GB (default: the machine's available memory)")] = None,
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+        json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
         """Compress MODEL's linear layers and write a checkpoint folder."""
         with handle_errors():
@@ -201,13 +325,26 @@ def register(app: typer.Typer) -> None:
                 param_ratio=param_ratio, rank_ratio=rank_ratio, rank=rank,
                 targets=_split_list(targets), exclude=_split_list(exclude),
                 rank_pattern=_parse_rank_pattern(rank_pattern) if rank_pattern else None,
-                storage=storage, update=update, seed=seed, quant_bits=quant_bits,
+                storage=storage, update=update, seed=seed if _given(ctx, "seed") else None,
+                quant_bits=quant_bits,
                 refine_iters=refine_iters, refine_lr=refine_lr,
+                **_importance_flags(method, importance_mode),
             )
-            summary = run_compress(model, config, out, calib=calib, calib_samples=calib_samples,
-                                   seq_len=seq_len, n_facts=facts, overwrite=overwrite,
-                                   allocation=_allocation_options(allocate, analysis_dir, byte_budget))
-            _print_summary(summary, out)
+            if recipe is not None:  # a recipe's text settings replace the defaults, not given flags
+                options = {"source": "data", "windows": "windows", "seq_len": "seq_len", "facts": "facts"}
+                chosen = recipe_data(recipe, {"source": data, "windows": windows, "seq_len": seq_len,
+                                              "facts": facts},
+                                     {key for key, option in options.items() if _given(ctx, option)})
+                data, windows, seq_len, facts = (chosen[key] for key in options)
+            summary = run_compress(model, config, out, calib=data, calib_samples=windows,
+                                   seq_len=seq_len, n_facts=facts, overwrite=overwrite, recipe=recipe,
+                                   allocation=_allocation_options(allocate, analysis_dir, byte_budget),
+                                   error_report=error_report, stream=stream, max_memory=max_memory,
+                                   device=device)
+            if distributed.is_main():
+                _print_summary(summary, out)
+                if json_out is not None:
+                    write_json(json_out, summary)
 
     @app.command("export-dense")
     def export_dense_command(

@@ -11,8 +11,17 @@ from typing import Annotated, Any
 import typer
 
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import (
+    DEFAULT_DATA,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    DEVICE_HELP,
+    write_json,
+)
 
-__all__ = ["register", "render_table", "run_eval"]
+__all__ = ["comparison_rows", "register", "render_table", "run_eval"]
 
 _NONE = ("", "none", "off")
 
@@ -51,22 +60,25 @@ def run_eval(
     reference_spec: str | None = None,
     tasks: str | None = None,
     limit: int | None = None,
+    device: str = "cpu",
     **settings: Any,
 ) -> dict[str, Any]:
     """Load the model (and reference) and run :func:`svdcompress.evaluate.evaluate_model`, plus the
     benchmark ``tasks`` (comma-separated, :func:`svdcompress.tasks.evaluate_tasks`) when given.
 
     With a reference, both are measured the same way and the per-item paired comparisons go to
-    ``result["paired"]``.
+    ``result["paired"]``. ``device``: where both models run (``auto``, ``cpu``, ``cuda``, ...).
     """
     import torch
 
     from svdcompress import __version__
     from svdcompress.datasets import check_window_request
+    from svdcompress.devices import resolve_device
     from svdcompress.evaluate import evaluate_model
     from svdcompress.zoo import load_model
 
     task_names = _check_tasks(tasks, limit)
+    device = resolve_device(device)
     # Everything that needs no model is checked first: fail before a minute of loading.
     check_window_request(settings.get("seq_len", 512), settings.get("n_samples", 64),
                          source=settings.get("data", "wiki"))
@@ -74,8 +86,9 @@ def run_eval(
         check_window_request(settings.get("seq_len", 512), settings.get("n_samples", 64),
                              source=settings["second_domain"])
     started = time.perf_counter()
-    model, tokenizer = load_model(model_spec)
-    reference, reference_tokenizer = load_model(reference_spec) if reference_spec else (None, None)
+    model, tokenizer = load_model(model_spec, device=device)
+    reference, reference_tokenizer = (load_model(reference_spec, device=device) if reference_spec
+                                      else (None, None))
     result = evaluate_model(model, tokenizer, reference=reference, **settings)
     batch_size = settings.get("batch_size", 8)
     if task_names:
@@ -99,6 +112,7 @@ def run_eval(
         "torch": torch.__version__,
         "svdcompress": __version__,
         "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
         "machine": platform.machine(),
     }
     return result
@@ -166,25 +180,45 @@ def render_table(result: dict[str, Any]) -> Any:
         title=f"svdcompress eval · {run.get('model_spec', result['model']['name'])} · {params / 1e6:.1f}M parameters",
         caption=f"{run.get('elapsed_s', '?')} s · torch {run.get('torch', '?')} · {run.get('cpu_threads', '?')} threads",
     )
-    table.add_column("metric", no_wrap=True)
-    table.add_column("value", justify="right", no_wrap=True)
-    reference = result.get("reference")
-    if reference is not None:
+    if result.get("reference") is not None:
         table.title += f"\nreference: {run.get('reference_spec', '')}"
-        table.add_column("reference", justify="right", no_wrap=True)
-        table.add_column("× reference", justify="right", no_wrap=True)
-        reference_values = {label: value for label, value, _ in _rows(reference)}
-        ratios = {label: f"{result[key]['perplexity'] / reference[key]['perplexity']:.3f}"
-                  for label, key in _PERPLEXITY_ROWS.items() if key in result and key in reference}
-    table.add_column("measured on")
-    paired = _paired_details(result.get("paired", {}))
-    for label, value, detail in _rows(result):
-        if reference is None:
-            table.add_row(label, value, detail)
-        else:
-            detail = paired.get(label.split(" (")[0], detail)
-            table.add_row(label, value, reference_values.get(label, ""), ratios.get(label, ""), detail)
+    headers, rows = comparison_rows(result)
+    for header in headers:
+        numeric = header not in ("metric", "measured on")
+        table.add_column(header, justify="right" if numeric else "left", no_wrap=header != "measured on")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def comparison_rows(result: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Column names and rows of a :func:`run_eval` result: the model's values and, with a
+    reference, the reference's, their ratio and the paired statistics (also the model card's)."""
+    reference = result.get("reference")
+    if reference is None:
+        return ["metric", "value", "measured on"], _rows(result)
+    reference_values = {label: value for label, value, _ in _rows(reference)}
+    ratios = {label: f"{result[key]['perplexity'] / reference[key]['perplexity']:.3f}"
+              for label, key in _PERPLEXITY_ROWS.items() if key in result and key in reference}
+    paired = _paired_details(result.get("paired", {}))
+    rows = [(label, value, reference_values.get(label, ""), ratios.get(label, ""),
+             paired.get(label.split(" (")[0], detail)) for label, value, detail in _rows(result)]
+    return ["metric", "value", "reference", "× reference", "measured on"], rows
+
+
+def _update_card(model_spec: str, result: dict[str, Any]) -> None:
+    """A compressed checkpoint folder's model card gets this table (beside the reference's)."""
+    from svdcompress.checkpoint import is_compressed_checkpoint
+    from svdcompress.modelcard import markdown_table, update_card
+
+    if not is_compressed_checkpoint(model_spec):
+        return
+    run = result["run"]
+    against = f" beside the original `{run['reference_spec']}`" if run.get("reference_spec") else ""
+    evaluation = (f"Measured by `svdcompress eval`{against} on {run['date']} "
+                  f"(svdcompress {run['svdcompress']}, torch {run['torch']}):\n\n"
+                  f"{markdown_table(*comparison_rows(result))}\n")
+    typer.echo(f"updated {update_card(model_spec, evaluation)}")
 
 
 def _paired_details(paired: dict[str, Any]) -> dict[str, str]:
@@ -213,10 +247,10 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 help="text source whose held-out split gives the perplexity (wiki, sotu, news)"
             ),
-        ] = "wiki",
-        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 512,
-        samples: Annotated[int, typer.Option(help="windows scored")] = 64,
-        seed: Annotated[int, typer.Option(help="picks the windows")] = 0,
+        ] = DEFAULT_DATA,
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = DEFAULT_SEQ_LEN,
+        windows: Annotated[int, typer.Option(help="windows scored")] = DEFAULT_WINDOWS,
+        seed: Annotated[int, typer.Option(help="picks the windows")] = DEFAULT_SEED,
         second_domain: Annotated[
             str, typer.Option(help="a second text source; 'none' skips it")
         ] = "sotu",
@@ -243,12 +277,11 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[
             Path | None, typer.Option("--json", help="also write the full result here")
         ] = None,
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     ) -> None:
         """Measure MODEL: held-out perplexity, second-domain perplexity, fact recall, and the
         benchmark --tasks; with --reference, side by side with per-item paired statistics."""
         from rich.console import Console
-
-        from svdcompress.fetch import atomic_write_json
 
         with handle_errors():
             result = run_eval(
@@ -256,7 +289,7 @@ def register(app: typer.Typer) -> None:
                 reference_spec=reference,
                 data=data,
                 seq_len=seq_len,
-                n_samples=samples,
+                n_samples=windows,
                 seed=seed,
                 second_domain=None if second_domain.lower() in _NONE else second_domain,
                 facts=facts,
@@ -264,8 +297,9 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 tasks=tasks,
                 limit=limit,
+                device=device,
             )
             Console().print(render_table(result))
             if json_out is not None:
-                atomic_write_json(json_out, result)
-                typer.echo(f"wrote {json_out}")
+                write_json(json_out, result)
+            _update_card(model, result)

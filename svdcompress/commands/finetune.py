@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
+from svdcompress import distributed
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import (
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEVICE_HELP,
+    write_json,
+)
 from svdcompress.errors import ConfigError
 
 __all__ = ["register", "run_finetune", "state_folder"]
@@ -43,9 +51,11 @@ def run_finetune(model_spec: str, data: Path, config, *, out: Path, resume: bool
         compression = dict(compression)
         compression["finetune"] = {k: v for k, v in summary.items() if k != "losses"}
         model.config.compression_config = compression
-    save(model, out, tokenizer=tokenizer, overwrite=overwrite,
-         extra_files={"finetune_report.json": json.dumps(summary, indent=2)})
-    shutil.rmtree(state, ignore_errors=True)  # complete: the resumable states are spent
+    if distributed.is_main():  # under torchrun every rank holds the same model; one writes it
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite,
+             extra_files={"finetune_report.json": json.dumps(summary, indent=2)})
+        shutil.rmtree(state, ignore_errors=True)  # complete: the resumable states are spent
+    distributed.barrier()
     return summary
 
 
@@ -86,18 +96,18 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[float, typer.Option(help="passes over the data")] = 1.0,
         lr: Annotated[float, typer.Option(help="peak AdamW learning rate (linear decay)")] = 1e-5,
         batch_size: Annotated[int, typer.Option(help="rows per step")] = 4,
-        seq_len: Annotated[int, typer.Option(help="longest training row in tokens")] = 256,
+        seq_len: Annotated[int, typer.Option(help="longest training row in tokens")] = DEFAULT_SEQ_LEN,
         freeze: Annotated[float, typer.Option(help="fraction of decoder blocks frozen from the "
                                                    "bottom, with the embeddings (CF90: 0.75)")] = 0.0,
         lora_rank: Annotated[int | None, typer.Option(help="train LoRA adapters of this rank on "
                                                            "Q/K/O instead (merged when saved)")] = None,
         lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 × rank)")] = None,
-        seed: Annotated[int, typer.Option(help="seed of the data order")] = 0,
+        seed: Annotated[int, typer.Option(help="seed of the data order")] = DEFAULT_SEED,
         out: Annotated[Path, typer.Option(help="output folder")] = ...,
         resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
         overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
         checkpoint_every: Annotated[int, typer.Option(help="steps between resumable states (0: none)")] = 50,
-        device: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda, cuda:1, ...")] = "auto",
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
         json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
         """Fine-tune MODEL on --data with the Hugging Face Trainer; writes an svdcompress folder."""
@@ -114,9 +124,10 @@ def register(app: typer.Typer) -> None:
                 typer.secho(f"interrupted; states (if any) are in {state_folder(out)}. Run the same "
                             "command with --resume to continue.", fg=typer.colors.YELLOW, err=True)
                 raise typer.Exit(130) from None
-            if json_out is not None:
-                json_out.write_text(json.dumps(summary, indent=2))
-            _print_summary(summary, out)
+            if json_out is not None and distributed.is_main():
+                write_json(json_out, summary)
+            if distributed.is_main():
+                _print_summary(summary, out)
             if summary["stopped"] != "completed":
                 typer.secho(f"error: {summary['notes'][0]} Saved to {out}.", fg=typer.colors.RED,
                             err=True)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import write_json
 
 __all__ = ["register"]
 
@@ -24,6 +25,7 @@ def register(app: typer.Typer) -> None:
             help="baseline only: layers to quantize (default all-linear)")] = None,
         exclude: Annotated[list[str] | None, typer.Option(help="baseline only: layers left float")] = None,
         overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+        json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
         """Store weights as symmetric per-row int8 codes + float32 scales, and save the result."""
         with handle_errors():
@@ -43,12 +45,16 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError("--targets/--exclude apply to the baseline; a compressed "
                                       "checkpoint's low-rank factors are all quantized.")
                 count = quantize_factors_(loaded, bits)
+                summary = {"modules": count, "quant_bits": bits, "kind": "factors"}
                 what = f"int{bits} factors in {count} low-rank modules"
             else:
                 summary = quantize_weights_(
                     loaded, bits, targets=tuple(targets or ("all-linear",)), exclude=tuple(exclude or ()))
                 loaded.config.compression_config["base_model"] = model
                 ratio = summary["target_bytes_after"] / summary["target_bytes_before"]
+                summary = {**summary, "quant_bits": bits, "kind": "baseline", "byte_ratio": ratio}
                 what = f"int{bits} baseline of {summary['modules']} linear layers ({ratio:.1%} of their bytes)"
             save(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
             typer.echo(f"wrote {out}: {what}")
+            if json_out is not None:
+                write_json(json_out, summary)

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
+from svdcompress import distributed
 from svdcompress.commands import handle_errors
+from svdcompress.commands._vocabulary import (
+    DEFAULT_DATA,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEVICE_HELP,
+    write_json,
+)
 from svdcompress.devices import resolve_device
 from svdcompress.errors import CheckpointError, ConfigError
 
@@ -102,6 +111,7 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
     state = state_folder(out)
     _check_folders(checkpoint, out, state, resume, overwrite)
     device = resolve_device(device)  # everything that needs no model is checked before one loads
+    device = distributed.local_device(device)  # under torchrun: each rank its own GPU
     check_window_request(seq_len, n_windows or settings.steps * settings.batch_size, source=data)
     student, tokenizer = load(checkpoint, device=device)
     base = _base_spec(student, base)
@@ -119,11 +129,13 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
     compression = dict(student.config.compression_config)
     compression["recovery"] = {k: v for k, v in summary.items() if k != "losses"}
     student.config.compression_config = compression
-    save(student, out, tokenizer=tokenizer, overwrite=overwrite,
-         extra_files=_extra_files(checkpoint, summary))
-    if result.stopped == "completed":
-        shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
-    elif state.is_dir():  # a NaN or non-finite stop: keep the states to inspect or resume from
+    if distributed.is_main():  # under torchrun every rank holds the same student; one writes it
+        save(student, out, tokenizer=tokenizer, overwrite=overwrite,
+             extra_files=_extra_files(checkpoint, summary))
+        if result.stopped == "completed":
+            shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
+    distributed.barrier()
+    if result.stopped != "completed" and state.is_dir():  # keep the states to inspect or resume
         summary["notes"].append(
             f"stopped early ({result.stopped}); the last periodic state is kept in {state} to "
             "inspect, or to continue from with --resume (same settings) and --overwrite"
@@ -162,10 +174,10 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="optimisation steps (each: --batch-size windows)")] = ...,
         lr: Annotated[float, typer.Option(help="peak Adam learning rate (warm-up, cosine decay)")] = 1e-4,
         batch_size: Annotated[int, typer.Option(help="windows per step")] = 4,
-        seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
+        seq_len: Annotated[int, typer.Option(help="tokens per window")] = DEFAULT_SEQ_LEN,
         windows: Annotated[int | None, typer.Option(
             help="distinct training windows (default steps × batch size: each seen once)")] = None,
-        data: Annotated[str, typer.Option(help="text source; its calib split is used")] = "wiki",
+        data: Annotated[str, typer.Option(help="text source; its calib split is used")] = DEFAULT_DATA,
         train_norms: Annotated[bool, typer.Option("--train-norms", help="also train norm weights")] = False,
         base: Annotated[str | None, typer.Option(
             help="the original model (default: compression_config.base_model)")] = None,
@@ -173,8 +185,9 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
         overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
         checkpoint_every: Annotated[int, typer.Option(help="steps between saved states")] = 50,
-        seed: Annotated[int, typer.Option(help="seed for window choice and order")] = 0,
-        device: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda, cuda:1, ...")] = "auto",
+        seed: Annotated[int, typer.Option(help="seed for window choice and order")] = DEFAULT_SEED,
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+        json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
         """Distil the original model's logits into CHECKPOINT's low-rank factors."""
         from svdcompress.recover import RecoverySettings
@@ -191,4 +204,7 @@ def register(app: typer.Typer) -> None:
             except KeyboardInterrupt:
                 _interrupted(out)
                 raise typer.Exit(130) from None
-            _print_summary(summary, out)
+            if distributed.is_main():
+                _print_summary(summary, out)
+                if json_out is not None:
+                    write_json(json_out, summary)

@@ -8,6 +8,11 @@ files built from real sources into the cache (:mod:`svdcompress.tasks.data`); no
 the hub. Every task is scored by log-likelihood of the answer choices (lm-eval's
 ``multiple_choice``), zero-shot, so results are deterministic.
 
+Multiple-choice items share one context across their answer choices; by default the model is
+wrapped in :class:`~svdcompress.tasks.prefix_sharing.PrefixSharingHFLM`, an ``HFLM`` that runs each
+shared context once and scores the choices on its key/value cache (same numbers to float rounding,
+several times faster on long few-shot prompts); ``prefix_sharing=False`` uses plain ``HFLM``.
+
 Per-item scores come back with each task (``items``: the item's source ``id`` and every metric),
 so two models can be compared on the same items with :func:`compare_task_results`
 (:mod:`svdcompress.stats`: exact McNemar for 0/1 accuracies, paired t-test for TruthfulQA MC2).
@@ -132,6 +137,7 @@ def evaluate_tasks(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    prefix_sharing: bool = True,
 ) -> dict[str, Any]:
     """Score ``model`` (in memory, any svdcompress checkpoint or plain HF model) on ``tasks``.
 
@@ -140,14 +146,20 @@ def evaluate_tasks(
     {"metric", "score", "stderr", "n", "chance", "metrics", "elapsed_s", "items"}}}`` where
     ``items`` lists every item's source ``id`` and metric values, for paired comparisons.
     Each task runs in its own ``simple_evaluate`` call so that its wall time is measured.
+    ``prefix_sharing`` computes each context shared by several answer choices once
+    (:class:`~svdcompress.tasks.prefix_sharing.PrefixSharingHFLM`); False runs lm-eval's ``HFLM``
+    as it is, for reference.
     """
     names = check_task_request(tasks, limit)
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from svdcompress.tasks.prefix_sharing import PrefixSharingHFLM
+
     with _quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm_class = PrefixSharingHFLM if prefix_sharing else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
         out: dict[str, Any] = {"harness": f"lm-eval {lm_eval.__version__}", "limit": limit,
                                "tasks": {}}
