@@ -14,11 +14,21 @@ activation-quantizing kernels add about 1%). Kernels are interleaved inside each
 share the machine's background load; the median over rounds is reported.
 
     python experiments/kernel_bench.py --threads 1 --out experiments/results/kernels
+
+``--break-even`` (issue 14) measures instead, at one token (decode) and for each thread count of
+``--break-even-threads``, dense against float factors and int8 factors (``dequant``) over a grid of
+ranks, with **cold weights** (calls cycle through copies of the layer totalling 3× the L3 cache,
+as at decode, where each layer's weights are read once per token), and reports per shape the
+break-even rank: the largest rank of the grid below which the factored layer is faster than the
+dense one (``float_cache`` runs the same two matmuls as float).
+
+    python experiments/kernel_bench.py --break-even --break-even-threads 1 2 --out experiments/results/speed
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -52,6 +62,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--out", type=Path, default=Path("experiments/results/kernels"))
+    parser.add_argument("--break-even", action="store_true")
+    parser.add_argument("--break-even-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--rank-step", type=int, default=16)
     return parser.parse_args()
 
 
@@ -141,9 +154,75 @@ def table(rows: list[dict], tokens_list: list[int]) -> str:
     return "\n".join(lines)
 
 
+COLD_BYTES = 96 * 2**20  # copies of a layer cycled per pass: 3× the 32 MiB L3, so weights come from DRAM
+
+
+def _cold_us(module: torch.nn.Module, x: torch.Tensor, nbytes: int) -> float:
+    """µs per call with weights cold, as at decode (each layer's weights are used once per token):
+    calls cycle through enough copies of ``module`` to exceed the caches."""
+    copies = [copy.deepcopy(module) for _ in range(min(4000, max(2, COLD_BYTES // nbytes)))]
+    for m in copies[:2]:
+        m(x)  # builds any kernel state
+    start = time.perf_counter()
+    for m in copies:
+        m(x)
+    return (time.perf_counter() - start) / len(copies) * 1e6
+
+
+def _break_even_shape(out_f: int, in_f: int, args) -> dict:
+    """µs per decode call (1 token, cold weights) of dense, float and int8 factors at each rank."""
+    full = out_f * in_f // (out_f + in_f)  # rank at which the factors store as many numbers as W
+    ranks = [r for r in range(args.rank_step, full + args.rank_step, args.rank_step) if r <= min(out_f, in_f)]
+    x = torch.randn(1, in_f)
+    samples: dict[str, list[float]] = {"dense@0": []}
+    for _ in range(args.rounds):
+        for r in ranks:
+            mods = _modules(out_f, in_f, r)
+            mods["int8"].kernel = "dequant"
+            samples["dense@0"].append(_cold_us(mods["dense"], x, 4 * out_f * in_f))
+            samples.setdefault(f"float@{r}", []).append(_cold_us(mods["float"], x, 4 * r * (out_f + in_f)))
+            samples.setdefault(f"int8@{r}", []).append(_cold_us(mods["int8"], x, mods["int8"].weight_bytes()))
+    us = {key: statistics.median(v) for key, v in samples.items()}
+    dense = us["dense@0"]
+    result = {"shape": [out_f, in_f], "full_param_rank": full, "ranks": ranks, "us": us,
+              "us_min": {key: min(v) for key, v in samples.items()}}
+    for kind in ("float", "int8"):
+        faster = [r for r in ranks if us[f"{kind}@{r}"] < dense]
+        below = [r for r in ranks if all(us[f"{kind}@{s}"] < dense for s in ranks if s <= r)]
+        result[f"break_even_{kind}"] = max(below) if below else 0
+        result[f"faster_anywhere_{kind}"] = faster
+    return result
+
+
+def break_even(args) -> None:
+    load_before, rows = os.getloadavg()[0], []
+    with torch.inference_mode():
+        for threads in args.break_even_threads:
+            torch.set_num_threads(threads)
+            for role, (o, i) in SHAPES.items():
+                row = {"role": role, "threads": threads, **_break_even_shape(o, i, args)}
+                rows.append(row)
+                logger.info("%s threads=%d: dense %.1f µs, break-even float r=%d int8 r=%d (full %d)",
+                            role, threads, row["us"]["dense@0"], row["break_even_float"],
+                            row["break_even_int8"], row["full_param_rank"])
+    result = {"threads": args.break_even_threads, "rounds": args.rounds, "rank_step": args.rank_step,
+              "torch": torch.__version__, "loadavg": [load_before, os.getloadavg()[0]], "rows": rows}
+    write_results(args.out / "break_even.json", result)
+    print("| layer (out×in) | full-param rank | threads | dense µs | break-even rank, float | int8 (dequant) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['role']} ({row['shape'][0]}×{row['shape'][1]}) | {row['full_param_rank']} | "
+              f"{row['threads']} | {row['us']['dense@0']:.0f} | {row['break_even_float']} | "
+              f"{row['break_even_int8']} |")
+    print(f"load average {load_before:.2f}→{os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _args()
+    if args.break_even:
+        break_even(args)
+        return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     with torch.inference_mode():

@@ -88,6 +88,11 @@ COMPARISONS = [
     ("aggressive fine-tuning: compression hurts retention (freeze 75 % alone above CF90)",
      "freeze75", "cf90", "aggressive"),
     ("aggressive fine-tuning: CF90 vs none", "cf90", "none", "aggressive"),
+    ("aggressive fine-tuning: freeze 90 % + compress vs freeze 90 % alone", "cf90-90", "freeze90",
+     "aggressive"),
+    ("aggressive fine-tuning: CF90 vs LoRA r=16 (same lr)", "cf90", "lora16", "aggressive"),
+    ("compression alone protects under aggressive fine-tuning (vs none)", "compress", "none",
+     "aggressive"),
     ("after INT8, CF90-90 keeps more than unprotected (72 % vs 58 %)", "cf90-90", "none", "gentle",
      "after_int8"),
     ("after INT8, CF90 keeps more than unprotected", "cf90", "none", "gentle", "after_int8"),
@@ -218,6 +223,10 @@ def run_truthfulqa(args) -> None:
 
     results_path = args.out / "truthfulqa.json"
     results = load_results(results_path)
+    limits = {r["limit"] for k, r in results.items() if k != "provenance"}
+    if limits - {args.tqa_limit}:
+        raise SystemExit(f"{results_path} holds models scored with --tqa-limit {sorted(limits, key=str)}; "
+                         "rerun with that limit, or move the file away to start over")
     base, tokenizer = sc.load_model(args.model)
     bench = benchmark_for(base, tokenizer, args)
     models = [("base", None, None), ("compressed", None, None)]
@@ -251,7 +260,31 @@ def truthfulqa_summary(out: Path) -> dict | None:
         summary[name] = {"scores": scores, "n": result["tasks"]["truthfulqa_mc2"]["n"]}
         if name != "base":
             summary[name]["vs_base"] = compare_task_results(result, results["base"])
+    means = {}
+    for condition in ("cf90", "freeze75"):
+        runs = [r for k, r in results.items() if k.startswith(f"{condition}/gentle/seed")]
+        if len(runs) >= 2:
+            means[condition] = _seed_mean(runs)
+            summary[f"{condition}, mean of {len(runs)} seeds"] = {
+                "scores": {t: r["score"] for t, r in means[condition]["tasks"].items()},
+                "n": runs[0]["tasks"]["truthfulqa_mc2"]["n"],
+                "vs_base": compare_task_results(means[condition], results["base"])}
+    if len(means) == 2:
+        summary["cf90 − freeze75, seed means"] = {"vs": compare_task_results(means["cf90"], means["freeze75"])}
     return summary
+
+
+def _seed_mean(runs: list[dict]) -> dict:
+    """One result whose every item's metric is its mean over ``runs`` (the same questions), so a
+    paired test over questions sees the fine-tuning seeds averaged out."""
+    tasks = {}
+    for task, first in runs[0]["tasks"].items():
+        metric = first["metric"]
+        per_run = [{i["id"]: i[metric] for i in run["tasks"][task]["items"]} for run in runs]
+        items = [{"id": i, metric: sum(r[i] for r in per_run) / len(per_run)} for i in per_run[0]]
+        tasks[task] = {"metric": metric, "items": items,
+                       "score": sum(i[metric] for i in items) / len(items)}
+    return {"tasks": tasks}
 
 
 def _short(knowledge: dict) -> str:
@@ -454,9 +487,15 @@ def tqa_markdown(truthfulqa: dict | None) -> str:
              "difference vs base, 95 % CI, McNemar for MC1, paired t for MC2):", "",
              "| model | MC1 | MC2 | MC1 − base | MC2 − base |", "|---|---|---|---|---|"]
     for name, entry in truthfulqa.items():
+        if "scores" not in entry:  # a head-to-head of two conditions, below the table
+            continue
         scores, vs = entry["scores"], entry.get("vs_base", {})
         lines.append(f"| {name} | {100 * scores['truthfulqa_mc1']:.1f} | {100 * scores['truthfulqa_mc2']:.1f} | "
                      f"{_tqa_diff(vs.get('truthfulqa_mc1'))} | {_tqa_diff(vs.get('truthfulqa_mc2'))} |")
+    for name, entry in truthfulqa.items():
+        if "vs" in entry:
+            lines += ["", f"{name}: MC1 {_tqa_diff(entry['vs'].get('truthfulqa_mc1'))}, "
+                          f"MC2 {_tqa_diff(entry['vs'].get('truthfulqa_mc2'))} (paired over questions)"]
     return "\n".join(lines) + "\n"
 
 

@@ -140,11 +140,16 @@ def _parse(log: Path) -> dict:
     samples = [int(mb) for mb in re.findall(r"^SAMPLE \d+ s (\d+) MB$", sampled, re.MULTILINE)]
     header = json.loads(text.splitlines()[0])
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     result = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
     blocks = [{"block": int(b), "seconds": float(s), "peak_rss_mb": float(r)} for b, s, r in
               re.findall(r"block (\d+)/\d+ done in ([\d.]+) s \(peak RSS (\d+) MB\)", text)]
     return {"log": str(log.relative_to(ROOT)), "command": header["command"],
             "max_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
+            "cpu_seconds": round(sum(cpu), 1) if cpu else None,
+            "wall_clock": wall.group(1) if wall else None,
+            "killed": "Command terminated by signal" in text,
             "result": json.loads(result.group(1)) if result else None, "blocks": blocks,
             "sampled_max_rss_mb": max(samples) if samples else None,
             "sampled_seconds": int(re.findall(r"^SAMPLE (\d+) s", sampled, re.MULTILINE)[-1]) if samples else None}

@@ -37,7 +37,13 @@ truncated SVD (:func:`svdcompress.compress_`, ``SVDConfig``) in two ways:
 Statistics (:mod:`svdcompress.stats`): per seed, the exact McNemar test over the facts (same facts,
 same seed) of each compressed wide model against the small model; over seeds, the paired t-test of
 the accuracies. Each (width, seed) row is written to ``results.json`` as soon as it is finished (a
-rerun skips it); ``table.md`` and ``accuracy_vs_width.png`` are rewritten from ``results.json``.
+rerun skips it); ``table.md`` and ``accuracy_vs_width.png`` are rewritten from ``results.json``
+(``--report-only`` rewrites only those two). ``--sweep-ranks R ...`` then retrains the widest model
+(``--sweep-seeds``; training is deterministic, so it is the grid's model) and truncates its decoder
+linears to each rank, embeddings untouched: where the compressed wide model crosses the small one.
+
+Measured (2 shared CPU cores, --threads 1): the grid took 55 min under a load of 8-13 (each row's
+time is in ``results.json``), the sweep of one seed 4 min.
 """
 
 from __future__ import annotations
@@ -232,12 +238,17 @@ def scored(model, facts, **extra) -> dict:
             "correct": correct, **extra}
 
 
-def run_row(width: int, seed: int, args, tokenizer) -> dict:
+def trained(width: int, seed: int, args, tokenizer) -> tuple:
+    """The model of (width, seed) trained on its facts: (model, facts, records, training info)."""
     facts = make_facts(args.facts, seed)
     records = fact_records(facts, tokenizer)
     model = build_model(width, args.layers, seed)
-    row = {"width": width, "seed": seed, "train": train_(model, tokenizer, records, args.epochs,
-                                                         args, seed)}
+    return model, facts, records, train_(model, tokenizer, records, args.epochs, args, seed)
+
+
+def run_row(width: int, seed: int, args, tokenizer) -> dict:
+    model, facts, records, info = trained(width, seed, args, tokenizer)
+    row = {"width": width, "seed": seed, "train": info}
     models = {"dense": scored(model, facts)}
     small = args.widths[0]
     if width == small:
@@ -294,15 +305,24 @@ def comparisons(results: dict) -> dict:
 
 
 def verdict(cmp: dict) -> str:
+    """better / worse: paired t over seeds p < 0.05 and McNemar p < 0.05 the same way in every seed."""
     t, tests = cmp["paired_t"], cmp["mcnemar"].values()
     if len(cmp["seeds"]) < 3:
         return "too few seeds"
-    if t["difference"] > 0 and t["p_value"] < 0.05 and all(
-            m["difference"] > 0 and m["p_value"] < 0.05 for m in tests):
-        return "holds"
-    if t["difference"] < 0 and all(m["difference"] < 0 and m["p_value"] < 0.05 for m in tests):
-        return "does not hold (worse)"
-    return "does not hold (no significant gain)"
+    for sign, word in ((1, "better"), (-1, "worse")):
+        if sign * t["difference"] > 0 and t["p_value"] < 0.05 and all(
+                sign * m["difference"] > 0 and m["p_value"] < 0.05 for m in tests):
+            return f"wide model {word}"
+    return "no significant difference"
+
+
+CLAIM_READING = {
+    "dense": "the premise: uncompressed, the wide model learns more facts in the same epochs",
+    "rank-w0": "the brief's wording, but this model stores more numbers than the small one",
+    "decoder-matched": "decoder at the small one's size, wider embeddings kept",
+    "params-matched": "the claim at equal size",
+    "params-matched+ft": "the claim at equal size, after a short recovery",
+}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -351,7 +371,14 @@ def headline(results: dict, cmps: dict) -> str:
         lines.append(f"- {variant}: {100 * t['mean_b']:.1f} % vs {100 * t['mean_a']:.1f} % "
                      f"(small {cmp['baseline']}), {100 * t['difference']:+.1f} pts "
                      f"({100 * relative:+.0f} % relative), paired t over {len(cmp['seeds'])} seeds "
-                     f"p{_p(t['p_value'])}: **{verdict(cmp)}**")
+                     f"p{_p(t['p_value'])}: **{verdict(cmp)}** ({CLAIM_READING[variant]})")
+    fair = [verdict(cmps[k]) for k in (f"w{widest}/params-matched", f"w{widest}/params-matched+ft")
+            if k in cmps]
+    if fair:
+        word = ("holds" if "wide model better" in fair else "cannot be decided (too few seeds)"
+                if "too few seeds" in fair else "does not hold")
+        lines += ["", f"Verdict (the compressed wide model against the small one at the same "
+                  f"number of stored parameters): **{word}**."]
     return "\n".join(lines)
 
 
@@ -388,7 +415,9 @@ def ranks_table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     rows, widths = results["rows"], results["settings"]["widths"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sweep = results.get("sweep", {})
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
     for name, style in (("dense", "o-"), ("rank-w0", "s--"), ("decoder-matched", "d--"),
                         ("params-matched", "v--"),
                         ("params-matched+ft", "^-")):
@@ -413,8 +442,30 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"Train big then compress: {results['settings']['facts']} facts, "
                  f"{results['settings']['epochs']} epochs")
     ax.legend(fontsize=8)
+    if sweep:
+        plot_sweep(axes[0, 1], results)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+
+
+def plot_sweep(ax, results: dict) -> None:
+    small, layers = results["settings"]["widths"][0], results["settings"]["layers"]
+    total = model_numbers(small, layers)
+    for name, row in results["sweep"].items():
+        points = sorted((run["numbers"] / total, 100 * run["accuracy"]) for run in row["ranks"].values())
+        ax.plot(*zip(*points, strict=True), "o-", label=f"{name}: decoder rank sweep")
+        for rank, run in row["ranks"].items():
+            ax.annotate(rank, (run["numbers"] / total, 100 * run["accuracy"]), fontsize=7)
+        base = results["rows"].get(f"w{small}/seed{row['seed']}")
+        if base:
+            ax.axhline(100 * base["models"]["dense"]["accuracy"], color="grey", ls="--", lw=1,
+                       label=f"small (width {small}), seed {row['seed']}")
+    ax.axvline(1.0, color="grey", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored numbers / small model's")
+    ax.set_ylabel("fact accuracy, %")
+    ax.set_title("compressed widest model: rank sweep (labels: rank)")
+    ax.legend(fontsize=8)
 
 
 def report(results: dict, out: Path) -> str:
@@ -425,11 +476,23 @@ def report(results: dict, out: Path) -> str:
             f"training facts); {s['layers']} Llama blocks, head 32, MLP 4×, tied embeddings, "
             f"vocab {VOCAB}; {s['epochs']} epochs, lr {s['lr']}, batch {s['batch_size']} at every "
             f"width; +ft = {s['recover_epochs']} more epochs, same settings.\n\n"
+            "Models: dense = trained at that width; small+ft = the width-"
+            f"{s['widths'][0]} model trained +ft more; rank-w0 = every decoder linear of the wide "
+            f"model truncated to rank {s['widths'][0]} (plain SVD), embeddings untouched (more "
+            "numbers than the small model: × small below counts factors where smaller); "
+            "decoder-matched = every decoder linear at the parameter-matched rank below, "
+            "embeddings untouched; params-matched = decoder linears and the tied embedding "
+            "factored so the whole model stores no more numbers than the small one; "
+            "params-matched+ft = that, fine-tuned +ft (compare with small+ft).\n\n"
             "Accuracy, % (mean ± sd over seeds):\n\n" + accuracy_table(results) +
             "\n\nParameter-matched ranks (all decoder linears at one rank, tied embedding "
             "factored; stored numbers within the small model's):\n\n" + ranks_table(results) +
             "\n\nAgainst the small model trained directly (same facts, same seed):\n\n" +
             comparison_table(cmps) + "\n\n" + headline(results, cmps) + "\n")
+    if results.get("sweep"):
+        text += ("\nRank sweep of the widest model (decoder linears only; embeddings untouched, "
+                 "stored numbers counted as factors where that is smaller):\n\n"
+                 + sweep_table(results) + "\n")
     (out / "table.md").write_text(text)
     plot(results, out / "accuracy_vs_width.png")
     return text
@@ -448,6 +511,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sweep-ranks", type=int, nargs="*", default=[],
+                        help="after the grid: decoder ranks for a sweep of the widest model "
+                        "(retrained, embeddings untouched)")
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite table.md and the plot from results.json, train nothing")
     args = parser.parse_args()
@@ -457,7 +524,9 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in SETTINGS}
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"settings": settings, "rows": {}}
-    results.pop("provenance", None)
+    previous = results.pop("provenance", None)  # every command that added rows stays named
+    if previous and previous["command"] not in results.setdefault("commands", []):
+        results["commands"].append(previous["command"])
     results["settings"].pop("widths", None)
     if results["settings"] != settings:
         raise SystemExit(f"{path} was made with other settings {results['settings']}; use another --out")
@@ -469,6 +538,41 @@ def main() -> None:
     print(report(results, args.out))
     if not args.report_only:  # a report leaves the results (and the command that made them) alone
         write_results(path, results)
+
+
+def run_sweep(width: int, seed: int, args, tokenizer) -> dict:
+    """Decoder linears of one trained wide model at each ``--sweep-ranks`` rank (factored where
+    that is smaller, else dense), embeddings untouched: where does it cross the small model?"""
+    model, facts, _, info = trained(width, seed, args, tokenizer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    row = {"width": width, "seed": seed, "train": info, "dense": scored(model, facts), "ranks": {}}
+    for rank in args.sweep_ranks:
+        model = build_model(width, args.layers, seed)
+        model.load_state_dict(state)
+        factored = all(rank <= (m * n - 1) // (m + n) for m, n in linear_shapes(width, args.layers))
+        (compress_decoder if factored else compress_rank)(model, rank)
+        row["ranks"][str(rank)] = scored(
+            model, facts, numbers=model_numbers(width, args.layers, rank=rank))
+        logging.info("sweep w%d/seed%d rank %d: %.3f", width, seed, rank,
+                     row["ranks"][str(rank)]["accuracy"])
+    return row
+
+
+def sweep_table(results: dict) -> str:
+    settings = results["settings"]
+    small = settings["widths"][0]
+    total = model_numbers(small, settings["layers"])
+    lines = ["| model | seed | decoder rank | stored numbers (× small) | accuracy | "
+             "vs small, pts [95 % CI] McNemar p |", "|---|---|---|---|---|---|"]
+    for row in results.get("sweep", {}).values():
+        base = results["rows"].get(f"w{small}/seed{row['seed']}")
+        for rank, run in row["ranks"].items():
+            cmp = mcnemar_exact(base["models"]["dense"]["correct"], run["correct"]) if base else None
+            cell = (f"{100 * cmp.difference:+.1f} [{100 * cmp.ci_low:+.1f}, {100 * cmp.ci_high:+.1f}] "
+                    f"p{_p(cmp.p_value)}" if cmp else "")
+            lines.append(f"| width {row['width']} | {row['seed']} | {rank} | {run['numbers']:,} "
+                         f"({run['numbers'] / total:.2f}×) | {100 * run['accuracy']:.1f} % | {cell} |")
+    return "\n".join(lines)
 
 
 def run_all(results: dict, path: Path, args) -> None:
@@ -485,6 +589,12 @@ def run_all(results: dict, path: Path, args) -> None:
             write_results(path, results)
             logging.info("%s: %s in %.0f s", name, {k: round(v["accuracy"], 3)
                                                     for k, v in row["models"].items()}, row["wall_s"])
+    sweeps = results.setdefault("sweep", {})
+    for seed in args.sweep_seeds if args.sweep_ranks else ():
+        name = f"w{args.widths[-1]}/seed{seed}"
+        if name not in sweeps or set(map(str, args.sweep_ranks)) - set(sweeps[name]["ranks"]):
+            sweeps[name] = run_sweep(args.widths[-1], seed, args, tokenizer)
+            write_results(path, results)
 
 
 if __name__ == "__main__":

@@ -93,12 +93,12 @@ def recover(checkpoint: str | Path, *, steps: int, out: str | Path | None = None
 def finetune(model: str, data: str | Path, out: str | Path, config=None, *, resume: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune ``model`` on the ``.txt``/``.jsonl`` file ``data`` with the Hugging Face Trainer
-    (``config``: a :class:`~svdcompress.finetune.FinetuneConfig`, default one epoch at lr 1e-5)
-    and save to ``out``. Returns the summary written to ``finetune_report.json``."""
+    (``config``: a :class:`~svdcompress.finetune.FinetuneConfig`; default the CLI's: one epoch at
+    lr 1e-5, rows of up to 512 tokens) and save to ``out``. Returns the summary written to ``finetune_report.json``."""
     from svdcompress.commands.finetune import run_finetune
     from svdcompress.finetune import FinetuneConfig
 
-    config = config if config is not None else FinetuneConfig()
+    config = config if config is not None else FinetuneConfig(seq_len=DEFAULT_SEQ_LEN)
     return run_finetune(model, Path(data), config, out=Path(out), resume=resume, overwrite=overwrite)
 
 

@@ -16,6 +16,9 @@ also commutes with the matmul, so kernels apply it to the outputs and never buil
 
 The module remembers the layout it replaced (``linear`` or ``conv1d``) so ``to_dense`` gives back
 the original type and stock transformers can load an exported checkpoint.
+
+``SlicedLinear`` holds a fused projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``) as one
+ordinary linear per logical slice, so each slice can be a ``LowRankLinear`` of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from svdcompress.linalg import SUPPORTED_QUANT_BITS, Factors, dequantize, quantize_symmetric
-from svdcompress.runtime import PackCache, fbgemm_linear, fbgemm_usable, int8_linear
+from svdcompress.runtime import (
+    PackCache,
+    dequant_once,
+    fbgemm_linear,
+    fbgemm_usable,
+    float_key,
+    int8_linear,
+)
 
 __all__ = [
     "LowRankLinear",
@@ -211,6 +221,12 @@ class LowRankLinear(nn.Module):
         # Matrices in the order they are applied: right then left, (..., in) → (..., r) → (..., out).
         order = ("right", "left") if self.storage == "factored" else ("weight",)
         buffers = self._buffers  # direct access: Module.__getattr__ is slow at decode call rates
+        if self.kernel == "float_cache":  # float copies made once: plain matmuls, bias fused
+            build = dequant_once(x.dtype)
+            *first, last = [self._packs.get(float_key(n, x.dtype), buffers[f"{n}_q"],
+                                            buffers[f"{n}_scale"], build) for n in order]
+            y = F.linear(x, first[0]) if first else x  # (..., r)
+            return F.linear(y, last, self.bias)
         if self.kernel == "fbgemm" and fbgemm_usable(x):  # fused fast path, no per-call lookups
             flat = x.reshape(-1, x.shape[-1])  # (M, in)
             for name in order:
@@ -375,7 +391,7 @@ class SlicedLinear(nn.Module):
         return f"slices={self.slice_sizes}, in_features={self.in_features}, layout={self.layout}"
 
 
-def split_fused_(model: nn.Module, slices: dict[str, dict[str, int] | dict]) -> list[str]:
+def split_fused_(model: nn.Module, slices: dict[str, dict]) -> list[str]:
     """Replace each named fused module by a :class:`SlicedLinear`, in place; returns those split.
 
     ``slices`` maps a module name to ``{slice name: out_features}`` (a live module: its weights are

@@ -52,6 +52,11 @@ def code_version(repo: str | Path | None = None) -> dict[str, Any]:
             "dirty": None if status is None else bool(status)}
 
 
+def command_line() -> str:
+    """The running command as typed (the program by its name, not its path), e.g. for a model card."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """The command that is running, the code version, library versions and the machine."""
     import torch

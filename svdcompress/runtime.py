@@ -15,12 +15,21 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
   (BENCHMARKS.md, issue 4). Needs float32 CPU input and the x86/fbgemm engine.
 - ``int8pack``: ``torch._weight_int8pack_mm`` (weight-only); exact like ``dequant`` but its CPU
   float32 path is slow — kept for comparison.
+- ``float_cache``: dequantize each matrix once, on first use, into a float copy kept beside the int8
+  buffers (rebuilt if they change), then plain ``F.linear``. Exact like ``dequant``, no per-call
+  conversion, but it holds the float bytes in RAM (4× the int8 codes in float32: +242 MiB on
+  SmolLM2-135M at param_ratio 0.6) — it is the float factored model, with int8 only on disk. It
+  is *slower* than ``dequant`` at decode on our CPU (BENCHMARKS.md, issue 14): decode is bound by
+  memory traffic, and reading 4-byte factors costs more than casting 1-byte ones in cache. Kept
+  for that comparison and for machines where the opposite holds.
 
 ``auto`` (the default) is ``dequant``: the fastest kernel whose output equals the dequantized
 model's. On SmolLM2-135M at param_ratio 0.6 it still decodes faster than the dense model, since
 it reads a quarter of the bytes per matrix; ``int_mm`` is faster again at a small measured cost in
-perplexity (+3 % on the INT8 baseline), ``fbgemm`` faster still at a large one. Choose with
-:func:`set_runtime` or ``svdcompress bench --kernel``.
+perplexity (+3 % on the INT8 baseline), ``fbgemm`` faster still at a large one. ``auto`` does
+not pick ``float_cache``: it is exact, but it holds the float factors in RAM and measured slower
+at decode. Choose with :func:`set_runtime` or
+``svdcompress bench --kernel``.
 """
 
 from __future__ import annotations
@@ -42,16 +51,18 @@ __all__ = [
     "Kernel",
     "PackCache",
     "available_kernels",
+    "dequant_once",
     "fbgemm_linear",
     "fbgemm_usable",
+    "float_key",
     "int8_linear",
     "set_runtime",
 ]
 
 logger = logging.getLogger(__name__)
 
-Kernel = Literal["auto", "dequant", "int_mm", "fbgemm", "int8pack"]
-KERNELS: tuple[str, ...] = ("auto", "dequant", "int_mm", "fbgemm", "int8pack")
+Kernel = Literal["auto", "dequant", "int_mm", "fbgemm", "int8pack", "float_cache"]
+KERNELS: tuple[str, ...] = ("auto", "dequant", "int_mm", "fbgemm", "int8pack", "float_cache")
 
 
 @functools.cache
@@ -133,6 +144,19 @@ def fbgemm_usable(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and fbgemm_available()
 
 
+@functools.cache
+def dequant_once(dtype: torch.dtype):
+    """A :class:`PackCache` builder: the float matrix ``q · scale[:, None]`` in ``dtype``."""
+    def build(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)  # (out, in)
+    return build
+
+
+def float_key(name: str, dtype: torch.dtype) -> str:
+    """The :class:`PackCache` key of the ``float_cache`` copy of matrix ``name`` in ``dtype``."""
+    return f"float:{name}:{dtype}"
+
+
 def _version(tensor: torch.Tensor) -> int:
     return 0 if tensor.is_inference() else tensor._version  # inference tensors keep no counter
 
@@ -147,16 +171,22 @@ class PackCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple] = {}
 
-    def get(self, key: str, q: torch.Tensor, scale: torch.Tensor) -> Any:
+    def get(self, key: str, q: torch.Tensor, scale: torch.Tensor, build=_pack_fbgemm) -> Any:
+        """The prepared copy of ``(q, scale)`` stored under ``key`` (``build`` makes it if needed)."""
         entry = self._entries.get(key)
         if (entry is None or entry[0] is not q or entry[1] is not scale
                 or entry[2] != _version(q) or entry[3] != _version(scale)):
-            entry = (q, scale, _version(q), _version(scale), _pack_fbgemm(q, scale))
+            entry = (q, scale, _version(q), _version(scale), build(q, scale))
             self._entries[key] = entry
         return entry[4]
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held in prepared tensors (float caches; fbgemm packs are opaque and not counted)."""
+        return sum(e[4].numel() * e[4].element_size() for e in self._entries.values()
+                   if isinstance(e[4], torch.Tensor))
 
     # Packed weights are torchbind objects: a copied or pickled module repacks on first use.
     def __deepcopy__(self, memo: dict) -> PackCache:
@@ -177,6 +207,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
         return _int_mm(x, q, scale)
     if kernel == "int8pack":
         return _int8pack(x, q, scale)
+    if kernel == "float_cache":
+        if cache is None:
+            raise ConfigError("kernel 'float_cache' needs a cache to keep the float matrices in.")
+        return F.linear(x, cache.get(float_key(key, x.dtype), q, scale, dequant_once(x.dtype)))
     if kernel == "fbgemm":
         if cache is None or not fbgemm_usable(x):
             raise ConfigError(

@@ -534,10 +534,9 @@ def _capture(run: _Run, calibration: Calibration) -> tuple[list, _Stream, _Strea
             calls[-1].hidden = None
     for name in outer:
         set_module_tensor_to_device(model, name, "meta")
-    if run.spill:
-        compressed = _Stream(folder, "compressed", len(calls), None)
-    else:
-        compressed = _Stream(folder, "compressed", len(calls), [c.hidden for c in calls])
+    compressed = _Stream(folder, "compressed", len(calls), None if run.spill else [c.hidden for c in calls])
+    for call in calls:  # the stream holds them now: the first block's inputs go once it has run
+        call.hidden = None
     return calls, compressed, compressed if run.config.update else None
 
 

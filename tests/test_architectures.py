@@ -96,6 +96,8 @@ def test_qko_compresses_exactly_q_k_o_and_reloads(family, tiny_windows, tmp_path
     sc.save(model, tmp_path / "ckpt")
     loaded, _ = sc.load(tmp_path / "ckpt")
     assert torch.equal(_logits(loaded, tiny_windows), _logits(model, tiny_windows))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # the quantizer plug-in
+    assert torch.equal(_logits(stock, tiny_windows), _logits(model, tiny_windows))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -19,7 +19,7 @@ from svdcompress.modules import LowRankLinear
 from svdcompress.quantize import quantize_factors_, quantize_weights_
 from svdcompress.runtime import available_kernels, set_runtime
 
-EXACT_KERNELS = ["dequant", "int8pack"]  # weight-only: equal to the dequantized reference
+EXACT_KERNELS = ["dequant", "int8pack", "float_cache"]  # weight-only: equal to the dequantized reference
 ACT_KERNELS = ["int_mm", "fbgemm"]  # also quantize activations: small extra error
 
 
@@ -156,6 +156,26 @@ def test_packed_weights_follow_buffer_changes():
     assert _rel(module(x), _dequantized_reference(module, x)) < 3e-2
     copied = copy.deepcopy(module)  # packed torchbind objects are dropped, not copied
     assert torch.equal(copied(x), module(x))
+
+
+def test_float_cache_converts_once_and_follows_buffer_changes():
+    """``float_cache`` dequantizes each factor once (4·r·(m+n) bytes kept), not on every call."""
+    module, _ = _int8_module("factored")
+    other, _ = _int8_module("factored", seed=1)
+    module.kernel = "float_cache"
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        module(x)
+        assert module._packs.nbytes() == 4 * 12 * (40 + 48)
+        with _Temporaries() as seen:
+            module(x)
+        assert not [op for op, _, _ in seen.made if "_to_copy" in op]  # no cast per call
+        module.load_state_dict(other.state_dict())  # in place: same tensors, new versions
+        assert _rel(module(x), _dequantized_reference(other, x)) < 1e-5
+        module.right_q = other.right_q.clone()  # replaced tensor
+        module.right_q[0].neg_()
+        assert _rel(module(x), _dequantized_reference(module, x)) < 1e-5
+        assert _rel(copy.deepcopy(module)(x), module(x)) < 1e-6
 
 
 def test_int8_module_buffers_and_bytes():

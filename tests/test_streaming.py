@@ -232,7 +232,9 @@ def test_cli_streams_when_asked_and_refuses_a_tiny_budget_in_one_line(tmp_path, 
     args = ["compress", str(source), "--method", "whiten", "--windows", "4", "--seq-len", "32"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--stream"])
     assert result.exit_code == 0, result.output
-    model, _ = load(tmp_path / "a")
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m"), "--no-stream"])
+    assert result.exit_code == 0, result.output
+    model = _assert_same_checkpoint(tmp_path / "m", tmp_path / "a")  # same record, same tensors
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 21
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--max-memory", "10MB"])
     assert result.exit_code == 2

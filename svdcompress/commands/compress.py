@@ -28,6 +28,7 @@ from svdcompress.config import (
     preset,
 )
 from svdcompress.errors import ConfigError
+from svdcompress.provenance import command_line
 from svdcompress.recipe import check_base_model, recipe_data
 
 __all__ = ["build_config", "register"]
@@ -153,7 +154,8 @@ def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib
         raise ConfigError("streaming compression runs in one process: launch it without torchrun, "
                           "or pass --no-stream when the model fits in memory.")
     if folder is not None:
-        return _run_streaming(model_spec, folder, config, out, calib=calib, windows=windows,
+        data = {"source": calib, "windows": calib_samples, "seq_len": seq_len, "facts": n_facts}
+        return _run_streaming(model_spec, folder, config, out, calib=calib, windows=windows, data=data,
                               overwrite=overwrite, max_memory=max_memory)
     model, tokenizer = load_model(model_spec, device=device)
     if recipe is not None:
@@ -170,7 +172,7 @@ def run_compress(model_spec: str, config: CompressionConfig, out: Path, *, calib
     report_json = json.dumps(report.to_dict(), indent=2)
     if distributed.is_main():  # every rank holds the same model; one writes it
         save(model, out, tokenizer=tokenizer, overwrite=overwrite,
-             extra_files={"compression_report.json": report_json}, command=_command_line(),
+             extra_files={"compression_report.json": report_json}, command=command_line(),
              data={"source": calib, "windows": calib_samples, "seq_len": seq_len, "facts": n_facts})
     distributed.barrier()
     return report.summary()
@@ -205,7 +207,7 @@ def _streaming_folder(model_spec: str, config: CompressionConfig, windows, strea
 
 
 def _run_streaming(model_spec: str, folder: Path, config: CompressionConfig, out: Path, *, calib: str,
-                   windows, overwrite: bool, max_memory: str | None) -> dict:
+                   windows, data: dict, overwrite: bool, max_memory: str | None) -> dict:
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer
@@ -217,8 +219,10 @@ def _run_streaming(model_spec: str, folder: Path, config: CompressionConfig, out
     if windows is not None:
         shell = SimpleNamespace(config=AutoConfig.from_pretrained(folder))  # max_position_embeddings
         calibration = _calibration(tokenizer, shell, config, calib, *windows, config.seed)
+    # The same command and data record as the in-memory path's save (model card, recipe).
     report = compress_streaming(folder, config, out, calibration=calibration, tokenizer=tokenizer,
-                                max_memory=max_memory, overwrite=overwrite, base_model=model_spec)
+                                max_memory=max_memory, overwrite=overwrite, base_model=model_spec,
+                                save_options={"command": command_line(), "data": data})
     return report.summary()
 
 
@@ -247,15 +251,6 @@ def _importance_flags(method: str | None, mode: str | None) -> dict[str, str]:
     if method not in (None, "importance"):
         raise ConfigError(f"--importance-mode applies to --method importance, not {method!r}.")
     return {"mode": mode}
-
-
-def _command_line() -> str:
-    """This command as typed (the program by its name, not its path), for the model card."""
-    import sys
-
-    from svdcompress.provenance import provenance
-
-    return provenance([Path(sys.argv[0]).name, *sys.argv[1:]])["command"]
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

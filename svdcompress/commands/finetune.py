@@ -19,6 +19,7 @@ from svdcompress.commands._vocabulary import (
     write_json,
 )
 from svdcompress.errors import ConfigError
+from svdcompress.provenance import command_line
 
 __all__ = ["register", "run_finetune", "state_folder"]
 
@@ -52,7 +53,7 @@ def run_finetune(model_spec: str, data: Path, config, *, out: Path, resume: bool
         compression["finetune"] = {k: v for k, v in summary.items() if k != "losses"}
         model.config.compression_config = compression
     if distributed.is_main():  # under torchrun every rank holds the same model; one writes it
-        save(model, out, tokenizer=tokenizer, overwrite=overwrite,
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite, command=command_line(),
              extra_files={"finetune_report.json": json.dumps(summary, indent=2)})
         shutil.rmtree(state, ignore_errors=True)  # complete: the resumable states are spent
     distributed.barrier()

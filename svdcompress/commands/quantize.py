@@ -9,6 +9,7 @@ import typer
 
 from svdcompress.commands import handle_errors
 from svdcompress.commands._vocabulary import write_json
+from svdcompress.provenance import command_line
 
 __all__ = ["register"]
 
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
                 ratio = summary["target_bytes_after"] / summary["target_bytes_before"]
                 summary = {**summary, "quant_bits": bits, "kind": "baseline", "byte_ratio": ratio}
                 what = f"int{bits} baseline of {summary['modules']} linear layers ({ratio:.1%} of their bytes)"
-            save(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
+            save(loaded, out, tokenizer=tokenizer, overwrite=overwrite, command=command_line())
             typer.echo(f"wrote {out}: {what}")
             if json_out is not None:
                 write_json(json_out, summary)

@@ -22,6 +22,7 @@ from svdcompress.commands._vocabulary import (
 )
 from svdcompress.devices import resolve_device
 from svdcompress.errors import CheckpointError, ConfigError
+from svdcompress.provenance import command_line
 
 __all__ = ["register", "run_recover", "state_folder"]
 
@@ -130,7 +131,7 @@ def run_recover(checkpoint: Path, settings, *, out: Path, base: str | None, data
     compression["recovery"] = {k: v for k, v in summary.items() if k != "losses"}
     student.config.compression_config = compression
     if distributed.is_main():  # under torchrun every rank holds the same student; one writes it
-        save(student, out, tokenizer=tokenizer, overwrite=overwrite,
+        save(student, out, tokenizer=tokenizer, overwrite=overwrite, command=command_line(),
              extra_files=_extra_files(checkpoint, summary))
         if result.stopped == "completed":
             shutil.rmtree(state, ignore_errors=True)  # the run is complete: its checkpoints are spent
