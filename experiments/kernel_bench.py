@@ -172,7 +172,7 @@ def _cold_us(module: torch.nn.Module, x: torch.Tensor, nbytes: int) -> float:
 def _break_even_shape(out_f: int, in_f: int, args) -> dict:
     """µs per decode call (1 token, cold weights) of dense, float and int8 factors at each rank."""
     full = out_f * in_f // (out_f + in_f)  # rank at which the factors store as many numbers as W
-    ranks = [r for r in range(args.rank_step, full + args.rank_step, args.rank_step) if r <= min(out_f, in_f)]
+    ranks = list(range(args.rank_step, min(out_f, in_f) + 1, args.rank_step))  # int8 can pass `full`
     x = torch.randn(1, in_f)
     samples: dict[str, list[float]] = {"dense@0": []}
     for _ in range(args.rounds):

@@ -117,8 +117,9 @@ class VocabularyCommand(TyperCommand):
 
 
 def write_json(path, data: Any) -> None:
-    """Write a ``--json`` result atomically (a reader never sees half a file) and say where."""
-    from svdcompress.fetch import atomic_write_json
+    """Write a ``--json`` result atomically (a reader never sees half a file), with the command and
+    code version that produced it (``provenance``), and say where."""
+    from svdcompress.provenance import write_results
 
-    atomic_write_json(path, data)
+    write_results(path, data)
     typer.echo(f"wrote {path}")
