@@ -36,6 +36,14 @@ WRITERS: dict[str, tuple[str, str]] = {
     "int8/int8_benchmarks.json": (
         "python experiments/int8_benchmarks.py --runs-dir runs/issue4 --out experiments/results/int8 "
         "--threads 1 --rounds 2 --runs 3", "written by the script"),
+    "speed/bench_threads2.json": (
+        "svdcompress bench runs/speed/w06-int8 --against smollm2-135m --threads 2 --rounds 2 --runs 2 "
+        "--json experiments/results/speed/bench_threads2.json",
+        "written by the command, whose --json did not yet record its provenance (fixed the same day)"),
+    "speed/bench_threads1.json": (
+        "svdcompress bench runs/speed/w06-int8 --against smollm2-135m --threads 1 --rounds 2 --runs 2 "
+        "--json experiments/results/speed/bench_threads1.json",
+        "written by the command, whose --json did not yet record its provenance (fixed the same day)"),
     "int8/profile_decode.json": (
         "python experiments/profile_decode.py smollm2-135m runs/issue4/whiten-p06-int8 --threads 1 "
         "--json runs/issue4/profile_decode.json",
