@@ -37,12 +37,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from qko_rank_sweep import difference_cell
 
 import svdcompress as sc
 from svdcompress.calibration import Calibration
+from svdcompress.checkpoint import densify_
 from svdcompress.datasets import token_windows
 from svdcompress.evaluate import evaluate_model
-from svdcompress.modules import LowRankLinear
 from svdcompress.provenance import write_results
 from svdcompress.stats import mcnemar_exact, paired_t
 from svdcompress.tasks import evaluate_tasks
@@ -53,22 +54,12 @@ MLP_RATIOS = (0.99, 0.98)
 SAFETY_TARGETS = {"v": ("v_proj",), "mlp": ("mlp",)}
 
 
-def densify_(model: torch.nn.Module) -> None:
-    """Replace every dense-storage ``LowRankLinear`` by the plain linear layer holding its product,
-    so a later weight quantizer treats it like any other linear."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.to_dense())
-
-
 def stacking_model(base, name: str):
     model = copy.deepcopy(base)
     svd, _, int8 = name.partition("+")
     if svd.startswith("svd"):
         sc.compress_(model, sc.preset("cf90", "svd", rank_ratio=float(svd[3:])))
-        densify_(model)
-        model.config.compression_config = None  # the SVD step is baked into plain linears
+        densify_(model)  # the SVD step baked into plain linears, which INT8 then quantizes
     if int8 or name == "int8":
         sc.quantize_weights_(model, 8)
     return model
@@ -146,18 +137,13 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
-def _cell(cmp: dict) -> str:
-    return (f"{100 * cmp['difference']:+.1f} [{100 * cmp['ci_low']:+.1f}, {100 * cmp['ci_high']:+.1f}]"
-            f" p={cmp['p_value']:.2g}")
-
-
 def stacking_table(runs: dict) -> str:
     lines = ["| model | facts | MMLU | ARC-style | composite | Δ composite vs dense, pts [95 % CI] p | "
              "Δ composite vs INT8 alone | wiki ppl |", "|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         acc = run["accuracy"]
-        vs_dense = _cell(compare(runs["dense"], run)["composite"]) if name != "dense" else ""
-        vs_int8 = (_cell(compare(runs["int8"], run)["composite"])
+        vs_dense = difference_cell(compare(runs["dense"], run)["composite"]) if name != "dense" else ""
+        vs_int8 = (difference_cell(compare(runs["int8"], run)["composite"])
                    if "int8" in runs and name not in ("dense", "int8") else "")
         lines.append(f"| {name} | {acc['facts']:.1%} | {acc['mmlu']:.1%} | {acc['arc_style']:.1%} | "
                      f"{run['composite']:.1%} | {vs_dense} | {vs_int8} | {run['perplexity']:.2f} |")
@@ -169,7 +155,7 @@ def safety_table(runs: dict) -> str:
     lines = ["| model | wiki ppl | × dense | sotu ppl | × dense | facts | Δ facts vs dense, pts "
              "[95 % CI] McNemar p |", "|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
-        cmp = _cell(compare(dense, run)["facts"]) if name != "dense" else ""
+        cmp = difference_cell(compare(dense, run)["facts"]) if name != "dense" else ""
         lines.append(f"| {name} | {run['perplexity']:.2f} | {run['perplexity'] / dense['perplexity']:.3f} | "
                      f"{run['perplexity_sotu']:.2f} | "
                      f"{run['perplexity_sotu'] / dense['perplexity_sotu']:.3f} | "

@@ -90,7 +90,7 @@ def compare(dense: dict, run: dict) -> dict:
             "mc2_wilcoxon": wilcoxon(mc2_dense, mc2_run).to_dict()}
 
 
-def _cell(cmp: dict, scale: float = 100) -> str:
+def difference_cell(cmp: dict, scale: float = 100) -> str:
     return (f"{scale * cmp['difference']:+.1f} [{scale * cmp['ci_low']:+.1f}, "
             f"{scale * cmp['ci_high']:+.1f}] p={cmp['p_value']:.2g}")
 
@@ -104,8 +104,8 @@ def table(results: dict) -> str:
     for name, run in runs.items():
         cmp = run.get("vs_dense")
         lines.append(
-            f"| {name} | {run['facts']['accuracy']:.1%} | {_cell(cmp['facts']) if cmp else ''} | "
-            f"{run['mc2']['score']:.1%} | {_cell(cmp['mc2_t']) if cmp else ''} | "
+            f"| {name} | {run['facts']['accuracy']:.1%} | {difference_cell(cmp['facts']) if cmp else ''} | "
+            f"{run['mc2']['score']:.1%} | {difference_cell(cmp['mc2_t']) if cmp else ''} | "
             f"{run['perplexity']:.2f} | {run['perplexity'] / dense['perplexity']:.3f} |")
     return "\n".join(lines)
 
@@ -125,7 +125,7 @@ def head_to_head(results: dict) -> str:
         facts = mcnemar_exact(svd["facts"]["correct"], run["facts"]["correct"]).to_dict()
         mc2 = paired_t([i["mc2"] for i in svd["mc2"]["items"]],
                        [i["mc2"] for i in run["mc2"]["items"]]).to_dict()
-        lines.append(f"| {ratio} | {name} | {_cell(facts)} | {_cell(mc2)} |")
+        lines.append(f"| {ratio} | {name} | {difference_cell(facts)} | {difference_cell(mc2)} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,8 @@ _HEAD_CHUNK = 512  # token rows per lm_head call: bounds the (rows, vocab) tempo
 # Pure helpers
 
 
-def model_fingerprint(model: nn.Module, *, strict: bool = True) -> str:
+def model_fingerprint(model: nn.Module, *, strict: bool = True,
+                      samples: Iterable[tuple[str, tuple[int, ...], torch.Tensor]] | None = None) -> str:
     """A short hash of the architecture, config and a strided sample of every tensor.
 
     Sampling (≤1024 values per tensor) keeps it fast on large models while any real change of
@@ -102,7 +103,9 @@ def model_fingerprint(model: nn.Module, *, strict: bool = True) -> str:
     out what says how the weights were loaded or saved rather than what they are (the dtype:
     samples are compared as float32; ``architectures``, which ``save_pretrained`` fills in), so the
     same model built in memory, saved and reloaded, or loaded in bfloat16 matches: how
-    ``compress_`` records the original model for ``recover``.
+    ``compress_`` records the original model for ``recover``. ``samples`` gives ``(name, shape,
+    float32 sample)`` per tensor from elsewhere (streaming reads them from the shards of a model
+    held on the meta device); by default they are taken from the model's own tensors.
     """
     digest = hashlib.sha256(type(model).__name__.encode())
     config = model.config.to_dict()
@@ -110,13 +113,17 @@ def model_fingerprint(model: nn.Module, *, strict: bool = True) -> str:
     for key in ignored if strict else (*ignored, "dtype", "torch_dtype", "architectures"):
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, shape, sample in _tensor_samples(model) if samples is None else samples:
+        digest.update(f"{name}{tuple(shape)}".encode())
+        digest.update(sample.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _tensor_samples(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
     # A split fused projection (modules.SlicedLinear) shows as the layer it was: same weights, same hash.
     for name, tensor in unsplit_state_dict(model).items():
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().contiguous()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:20]
+        yield name, tuple(tensor.shape), flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
 
 
 def effective_rank(values: Sequence[float]) -> float:

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from svdcompress import __version__
+from svdcompress.analysis import model_fingerprint
 from svdcompress.calibration import (
     Calibration,
     _capture_first_block_inputs,
@@ -297,17 +298,8 @@ class ShardReader:
 def _fingerprint(model: nn.Module, reader: ShardReader, aliases: dict[str, str]) -> str:
     """:func:`svdcompress.analysis.model_fingerprint` (strict=False) of the model in the shards,
     reading ~1024 values per tensor: the same hash as the model loaded whole."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "compression_config", "dtype",
-                "torch_dtype", "architectures"):
-        config.pop(key, None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name in model.state_dict():
-        shape, sample = reader.sample(aliases.get(name, name))
-        digest.update(f"{name}{shape}".encode())
-        digest.update(sample.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
+    samples = ((name, *reader.sample(aliases.get(name, name))) for name in model.state_dict())
+    return model_fingerprint(model, strict=False, samples=samples)
 
 
 # --------------------------------------------------------------------------------------------------

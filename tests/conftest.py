@@ -112,6 +112,18 @@ def tiny_folder(tmp_path):
 
 
 @pytest.fixture
+def cli_folder(tiny_folder, monkeypatch):
+    """``tiny_folder`` with the text sources and facts replaced by tiny stand-ins, for CLI runs."""
+    from svdcompress import datasets, evaluate
+    from svdcompress.datasets import Fact
+
+    corpus = [{"title": f"t{i}", "text": "plain words for a tiny model " * 20} for i in range(12)]
+    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpus)
+    monkeypatch.setattr(evaluate, "load_facts", lambda n: [Fact("The capital of France is", "Paris")] * n)
+    return tiny_folder
+
+
+@pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """An empty svdcompress cache, so a test can neither read nor spoil the real one."""
     root = tmp_path / "cache"

@@ -5,34 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_char_tokenizer, make_tiny_model
 from typer.testing import CliRunner
 
-from svdcompress import datasets, evaluate, zoo
+from svdcompress import zoo
 from svdcompress.cli import app
-from svdcompress.datasets import Fact
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    corpus = [{"title": f"t{i}", "text": "plain words for a tiny model " * 20} for i in range(12)]
-    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpus)
-    monkeypatch.setattr(
-        evaluate, "load_facts", lambda n: [Fact("The capital of France is", "Paris")] * n
-    )
-    return folder
-
-
-def test_eval_prints_a_table_and_writes_json(tiny_folder, tmp_path):
+def test_eval_prints_a_table_and_writes_json(cli_folder, tmp_path):
     out = tmp_path / "result.json"
     args = [
         "eval",
-        str(tiny_folder),
+        str(cli_folder),
         "--seq-len",
         "32",
         "--windows",
@@ -53,13 +38,13 @@ def test_eval_prints_a_table_and_writes_json(tiny_folder, tmp_path):
         assert text in result.output
     saved = json.loads(out.read_text())
     assert saved["perplexity"]["n_windows"] == 2 and saved["facts"]["n"] == 2
-    assert saved["run"]["model_spec"] == str(tiny_folder)
+    assert saved["run"]["model_spec"] == str(cli_folder)
 
 
-def test_optional_sections_can_be_switched(tiny_folder):
+def test_optional_sections_can_be_switched(cli_folder):
     args = [
         "eval",
-        str(tiny_folder),
+        str(cli_folder),
         "--seq-len",
         "16",
         "--windows",
@@ -69,7 +54,7 @@ def test_optional_sections_can_be_switched(tiny_folder):
         "--second-domain",
         "none",
         "--reference",
-        str(tiny_folder),
+        str(cli_folder),
         "--generation",
     ]
     result = runner.invoke(app, args)
@@ -90,9 +75,9 @@ def test_optional_sections_can_be_switched(tiny_folder):
         (["eval", "TINY", "--seq-len", "4096"], "longer than the model's context of 256"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_status_2(tiny_folder, monkeypatch, args, message):
+def test_bad_input_is_one_line_and_exit_status_2(cli_folder, monkeypatch, args, message):
     monkeypatch.setattr(zoo, "_hub_reachable", lambda timeout=3.0: False)
-    args = [str(tiny_folder) if a == "TINY" else a for a in args]
+    args = [str(cli_folder) if a == "TINY" else a for a in args]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "Traceback" not in result.output

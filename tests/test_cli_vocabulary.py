@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import make_char_tokenizer, make_tiny_model
 from typer.testing import CliRunner
 
-from svdcompress import datasets
 from svdcompress.cli import app
 from svdcompress.commands._vocabulary import OLD_SPELLINGS, VOCABULARY, _rewrite
 
@@ -75,19 +73,9 @@ def test_rewrite_handles_both_forms_and_stops_at_double_dash():
 # Real runs on a tiny model
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
-    corpus = [{"title": f"t{i}", "text": "plain words for a tiny model " * 20} for i in range(12)]
-    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpus)
-    return folder
-
-
-def test_old_spelling_works_and_warns_once(tiny_folder, tmp_path):
+def test_old_spelling_works_and_warns_once(cli_folder, tmp_path):
     out = tmp_path / "r.json"
-    args = ["eval", str(tiny_folder), "--seq-len", "16", "--samples", "2", "--samples", "3",
+    args = ["eval", str(cli_folder), "--seq-len", "16", "--samples", "2", "--samples", "3",
             "--facts", "0", "--second-domain", "none", "--device", "cpu", "--json", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -95,9 +83,9 @@ def test_old_spelling_works_and_warns_once(tiny_folder, tmp_path):
     assert json.loads(out.read_text())["perplexity"]["n_windows"] == 3  # the last one given, as click does
 
 
-def test_compress_accepts_the_canonical_names(tiny_folder, tmp_path):
+def test_compress_accepts_the_canonical_names(cli_folder, tmp_path):
     out, summary = tmp_path / "ckpt", tmp_path / "summary.json"
-    args = ["compress", str(tiny_folder), "--out", str(out), "--data", "wiki", "--windows", "2",
+    args = ["compress", str(cli_folder), "--out", str(out), "--data", "wiki", "--windows", "2",
             "--seq-len", "16", "--seed", "3", "--device", "cpu", "--json", str(summary),
             "--param-ratio", "0.5"]
     result = runner.invoke(app, args)
@@ -109,18 +97,18 @@ def test_compress_accepts_the_canonical_names(tiny_folder, tmp_path):
     assert config["config"]["seed"] == 3 and "n=2 seed=3" in config["calibration"]
 
 
-def test_compress_seed_default_leaves_a_recipes_seed(tiny_folder, tmp_path):
+def test_compress_seed_default_leaves_a_recipes_seed(cli_folder, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"method": "svd", "rank": 4, "seed": 7}))
     out = tmp_path / "ckpt"
-    result = runner.invoke(app, ["compress", str(tiny_folder), "--out", str(out), "--recipe",
+    result = runner.invoke(app, ["compress", str(cli_folder), "--out", str(out), "--recipe",
                                  str(recipe), "--windows", "2", "--seq-len", "16", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["compression_config"]["config"]["seed"] == 7
 
 
-def test_importance_mode_is_choosable_and_checked(tiny_folder, tmp_path):
-    result = runner.invoke(app, ["compress", str(tiny_folder), "--out", str(tmp_path / "x"),
+def test_importance_mode_is_choosable_and_checked(cli_folder, tmp_path):
+    result = runner.invoke(app, ["compress", str(cli_folder), "--out", str(tmp_path / "x"),
                                  "--method", "whiten", "--importance-mode", "taylor"])
     assert result.exit_code == 2 and "--importance-mode applies to --method importance" in result.output
 
@@ -151,8 +139,8 @@ def _device_commands(tiny: str, tmp: Path) -> dict[str, list[str]]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["compress", "analyze", "eval", "recover", "finetune", "bench"])
-def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(command, tiny_folder, tmp_path):
-    args = _device_commands(str(tiny_folder), tmp_path)[command]
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(command, cli_folder, tmp_path):
+    args = _device_commands(str(cli_folder), tmp_path)[command]
     result = runner.invoke(app, [*args, "--device", "cuda"])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
