@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from svdcompress.commands.compress import run_compress
-from svdcompress.commands.recover import run_recover, state_folder
 from svdcompress.config import SVDConfig, WhitenConfig, load_recipe
 from svdcompress.evaluate import evaluate_model
+from svdcompress.pipelines.compress import run_compress
+from svdcompress.pipelines.recover import run_recover, state_folder
 from svdcompress.provenance import write_results
 from svdcompress.recover import RecoverySettings
 from svdcompress.report import plot_recovery, plot_refinement

@@ -102,6 +102,7 @@ def _measure(args) -> None:
     """Run this script's worker under /usr/bin/time -v and keep its log."""
     LOGS.mkdir(parents=True, exist_ok=True)
     name = f"{args.mode}-{Path(args.model).name}-{args.method}-{args.blocks}blocks"
+    name += f"-{args.tag}" if args.tag else ""  # a resumed run keeps the first run's log
     worker = [sys.executable, __file__, args.mode, str(args.model), "--worker", "--method", args.method,
               "--blocks", str(args.blocks), "--windows", str(args.windows), "--seq-len", str(args.seq_len),
               "--param-ratio", str(args.param_ratio), "--batch", str(args.batch)]
@@ -143,8 +144,11 @@ def _parse(log: Path) -> dict:
     cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     result = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
-    blocks = [{"block": int(b), "seconds": float(s), "peak_rss_mb": float(r)} for b, s, r in
-              re.findall(r"block (\d+)/\d+ done in ([\d.]+) s \(peak RSS (\d+) MB\)", text)]
+    # Older logs lack the CPU seconds and the RSS after the block (trimmed heap): None there.
+    pattern = r"block (\d+)/\d+ done in ([\d.]+) s(?:, ([\d.]+) CPU s)? \(peak RSS (\d+) MB(?:, now (\d+) MB)?\)"
+    blocks = [{"block": int(b), "seconds": float(s), "cpu_seconds": float(c) if c else None,
+               "peak_rss_mb": float(r), "rss_after_mb": float(now) if now else None}
+              for b, s, c, r, now in re.findall(pattern, text)]
     return {"log": str(log.relative_to(ROOT)), "command": header["command"],
             "max_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
             "cpu_seconds": round(sum(cpu), 1) if cpu else None,
@@ -176,6 +180,7 @@ def main() -> None:
     parser.add_argument("--param-ratio", type=float, default=0.8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--tag", help="suffix of the log's name, to tell runs of the same shape apart")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode == "collect":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import os
 
 # Busy-waiting OpenMP threads made torch several times slower on a shared CPU (BENCHMARKS.md, "threads
@@ -12,6 +10,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from svdcompress import api  # one call per CLI command: api.compress(...), api.evaluate(...), ...
+from svdcompress._version import __version__
 from svdcompress.allocation import allocate
 from svdcompress.calibration import Calibration
 from svdcompress.checkpoint import export_dense, load, save

@@ -18,13 +18,14 @@ for modules left dense — that ``compress_`` consumes unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,7 +36,10 @@ from svdcompress.calibration import Calibration
 from svdcompress.config import CompressionConfig
 from svdcompress.errors import ConfigError
 from svdcompress.fetch import atomic_write_json
-from svdcompress.linalg import break_even_rank
+from svdcompress.linalg import break_even_rank, factored_params, rank_for_param_ratio
+
+if TYPE_CHECKING:
+    from svdcompress.quantize import Int8Sensitivity, ModuleInt8
 
 __all__ = [
     "Allocation",
@@ -57,28 +61,47 @@ class CostModel:
 
     Bytes: ``dense_bytes`` per number of a dense weight or bias, ``factored_bytes`` per number of a
     factor, plus ``row_scale_bytes`` per row of each factor (int8 factors carry a float32 scale per
-    row: ``out + rank`` of them).
+    row: ``out + rank`` of them), plus ``index_bytes`` per input column for ``pivoted`` storage
+    (its int64 column permutation).
+
+    ``storage``: how a factored module is held, ``factored`` (r·(out + in) numbers) or ``pivoted``
+    (r·(out + in − r), the same product; see :func:`svdcompress.linalg.pivot_factors`).
     """
 
     dense_bytes: int = 1
     factored_bytes: int = 1
     row_scale_bytes: int = 0
     unit: str = "params"
+    storage: str = "factored"
+    index_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.storage not in ("factored", "pivoted"):
+            raise ConfigError(f"allocation trades parameters of factored modules; storage="
+                              f"{self.storage!r} is not one: use 'factored' or 'pivoted'.")
 
     @classmethod
-    def for_bytes(cls, dtype: torch.dtype = torch.float32, quant_bits: int | None = None) -> CostModel:
+    def for_bytes(cls, dtype: torch.dtype = torch.float32, quant_bits: int | None = None,
+                  storage: str = "factored") -> CostModel:
         item = dtype.itemsize
+        index = torch.int64.itemsize if storage == "pivoted" else 0
         if quant_bits is None:
-            return cls(item, item, 0, "bytes")
-        return cls(item, math.ceil(quant_bits / 8), 4, "bytes")
+            return cls(item, item, 0, "bytes", storage, index)
+        return cls(item, math.ceil(quant_bits / 8), 4, "bytes", storage, index)
 
     def dense(self, module: ModuleAnalysis) -> int:
         return module.dense_params * self.dense_bytes
 
+    def dense_int8(self, module: ModuleAnalysis) -> int:
+        """Bytes of the weight as per-row INT8 codes + a float32 scale per row; the bias stays."""
+        m, n = module.out_features, module.in_features
+        return m * n + 4 * m + module.bias * self.dense_bytes
+
     def factored(self, module: ModuleAnalysis, rank: int) -> int:
         m, n = module.out_features, module.in_features
-        return (rank * (m + n) * self.factored_bytes + (m + rank) * self.row_scale_bytes
-                + module.bias * self.dense_bytes)
+        numbers = factored_params(m, n, rank, self.storage)
+        return (numbers * self.factored_bytes + (m + rank) * self.row_scale_bytes
+                + n * self.index_bytes + module.bias * self.dense_bytes)
 
 
 @dataclass
@@ -90,6 +113,8 @@ class Allocation:
     unit: str  # "params" or "bytes"
     predicted_kl: float  # sum of one-at-a-time predicted KLs (nats/token)
     settings: dict[str, Any] = field(default_factory=dict)
+    # With INT8 options: module -> 8 where its factors (or, if dense, its weight) are INT8.
+    bits: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -106,18 +131,24 @@ class Allocation:
         pattern: dict[str, int | float] = {
             f"^{re.escape(name)}$": rank for name, rank in self.ranks.items() if rank is not None
         }
-        if not pattern:
+        dense_int8 = [f"^{re.escape(name)}$" for name in self.dense if self.bits.get(name)]
+        if not pattern and not dense_int8:
             raise ConfigError(
                 f"the budget ({self.budget:,} {self.unit}) keeps every module dense: nothing to "
                 "compress. Lower the budget."
             )
-        return base.replace(rank_pattern=pattern, exclude=(*base.exclude, *self.dense))
+        quant = {f"^{re.escape(name)}$": self.bits.get(name) for name, rank in self.ranks.items()
+                 if self.bits and rank is not None and self.bits.get(name) != base.quant_bits}
+        return base.replace(rank_pattern=pattern,
+                            exclude=(*base.exclude, *(n for n in self.dense if not self.bits.get(n))),
+                            quant_pattern={**base.quant_pattern, **quant},
+                            dense_int8=(*base.dense_int8, *dense_int8))
 
     def to_dict(self) -> dict[str, Any]:
         return {"unit": self.unit, "budget": self.budget, "cost_before": self.cost_before,
                 "cost_after": self.cost_after, "ratio": round(self.ratio, 6),
                 "predicted_kl": self.predicted_kl, "dense": self.dense, "ranks": self.ranks,
-                "settings": self.settings}
+                "settings": self.settings, **({"bits": self.bits} if self.bits else {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,12 +160,13 @@ class _Options:
     ranks: list[int | None]
     costs: np.ndarray  # (k,) int64
     losses: np.ndarray  # (k,) float64
+    bits: list[int | None] = field(default_factory=list)  # with INT8 options: 8 or None each
 
 
 def _options(module: ModuleAnalysis, cost: CostModel, min_rank: int, rank_step: int,
              allow_dense: bool) -> _Options:
-    # Factored ranks stop at the break-even rank: compress_ refuses anything above it.
-    top = break_even_rank(module.out_features, module.in_features)
+    # Factored ranks stop at the break-even rank of the storage: compress_ refuses anything above it.
+    top = break_even_rank(module.out_features, module.in_features, cost.storage)
     grid = sorted({min_rank, *range(rank_step * math.ceil(min_rank / rank_step), top + 1, rank_step)})
     ranks: list[int | None] = [r for r in grid if min_rank <= r <= top]
     if allow_dense or not ranks:
@@ -142,6 +174,23 @@ def _options(module: ModuleAnalysis, cost: CostModel, min_rank: int, rank_step: 
     costs = [cost.dense(module) if r is None else cost.factored(module, r) for r in ranks]
     losses = [module.predicted_kl(r) for r in ranks]
     return _Options(ranks, np.asarray(costs, dtype=np.int64), np.asarray(losses, dtype=np.float64))
+
+
+def _with_int8(opt: _Options, module: ModuleAnalysis, cost: CostModel, int8: ModuleInt8,
+               allow_dense: bool) -> _Options:
+    """``opt``'s ranks as float and as INT8 factors, plus the module dense as INT8 (always: it is
+    compressed) and dense float (if ``allow_dense``); each priced by ``cost``'s dtype."""
+    ranks = [r for r in opt.ranks if r is not None]
+    float_cost = dataclasses.replace(cost, factored_bytes=cost.dense_bytes, row_scale_bytes=0)
+    int8_cost = dataclasses.replace(cost, factored_bytes=1, row_scale_bytes=4)
+    choices = [(r, None, float_cost.factored(module, r), module.predicted_kl(r)) for r in ranks]
+    choices += [(r, 8, int8_cost.factored(module, r), int8.predicted_kl(module, r)) for r in ranks]
+    choices.append((None, 8, cost.dense_int8(module), int8.predicted_kl(module, None)))
+    if allow_dense:
+        choices.append((None, None, cost.dense(module), 0.0))
+    kept, bits, costs, losses = zip(*choices, strict=True)
+    return _Options(list(kept), np.asarray(costs, dtype=np.int64),
+                    np.asarray(losses, dtype=np.float64), list(bits))
 
 
 def _cost_unit(options: list[_Options]) -> int:
@@ -209,19 +258,36 @@ def allocate(
     min_rank: int = 8,
     rank_step: int = 8,
     allow_dense: bool = True,
+    storage: str = "factored",
+    int8: Int8Sensitivity | None = None,
 ) -> Allocation:
     """Ranks minimising the predicted KL with total cost ≤ the budget.
 
     ``param_ratio``: kept / before over the targeted modules' parameters (weights and biases, as
     in ``CompressionReport.target_param_ratio``); or ``byte_budget`` with a byte ``cost`` model.
     Ranks are multiples of ``rank_step`` (plus ``min_rank``) up to each matrix's break-even rank;
-    ``allow_dense`` lets a module stay uncompressed.
+    ``allow_dense`` lets a module stay uncompressed. ``storage`` (``factored`` or ``pivoted``)
+    prices the ranks; a ``cost`` model given must have the same. The analysis serves both: the
+    same rank gives the same product, so the same predicted KL.
+
+    ``int8`` (:func:`svdcompress.quantize.int8_sensitivity`, bytes budgets only, factored storage)
+    adds per module: INT8 factors at every rank, and dense INT8; the result's ``bits`` says which.
     """
     if min_rank < 1 or rank_step < 1:
         raise ConfigError(f"min_rank={min_rank} and rank_step={rank_step} must be ≥ 1.")
-    cost = cost or (CostModel() if byte_budget is None else CostModel.for_bytes())
+    if cost is not None and cost.storage != storage:
+        raise ConfigError(f"the cost model prices storage={cost.storage!r} but storage={storage!r} "
+                          "was asked; give one of them.")
+    cost = cost or (CostModel(storage=storage) if byte_budget is None
+                    else CostModel.for_bytes(storage=storage))
     budget = _budget(analysis, cost, param_ratio, byte_budget)
     options = [_options(m, cost, min_rank, rank_step, allow_dense) for m in analysis.modules]
+    if int8 is not None:
+        if cost.unit != "bytes" or cost.storage != "factored":
+            raise ConfigError("INT8 options are priced in bytes of factored storage; give a "
+                              "byte_budget and storage='factored' with int8.")
+        options = [_with_int8(o, m, cost, int8.modules[m.name], allow_dense)
+                   for o, m in zip(options, analysis.modules, strict=True)]
     before = sum(cost.dense(m) for m in analysis.modules)
     minimum = sum(int(o.costs.min()) for o in options)
     if minimum > budget:
@@ -231,14 +297,20 @@ def allocate(
     ranks = {m.name: o.ranks[j] for m, o, j in zip(analysis.modules, options, picked, strict=True)}
     after = sum(int(o.costs[j]) for o, j in zip(options, picked, strict=True))
     settings = {"param_ratio": param_ratio, "byte_budget": byte_budget, "min_rank": min_rank,
-                "rank_step": rank_step, "allow_dense": allow_dense, "cost_unit": unit,
+                "rank_step": rank_step, "allow_dense": allow_dense, "storage": storage, "cost_unit": unit,
                 "fingerprint": analysis.fingerprint}
-    return Allocation(ranks, before, after, budget, cost.unit, analysis.predicted_kl(ranks), settings)
+    if int8 is None:
+        return Allocation(ranks, before, after, budget, cost.unit, analysis.predicted_kl(ranks), settings)
+    bits = {m.name: o.bits[j] for m, o, j in zip(analysis.modules, options, picked, strict=True)}
+    predicted = float(sum(o.losses[j] for o, j in zip(options, picked, strict=True)))
+    return Allocation(ranks, before, after, budget, cost.unit, predicted, {**settings, "int8": True}, bits)
 
 
-def uniform_ranks(analysis: Analysis, param_ratio: float) -> dict[str, int | None]:
+def uniform_ranks(analysis: Analysis, param_ratio: float,
+                  storage: str = "factored") -> dict[str, int | None]:
     """The ranks ``compress_`` gives every module for a plain ``param_ratio`` (for comparison)."""
-    return {m.name: m.rank_for_fraction(param_ratio) for m in analysis.modules}
+    return {m.name: rank_for_param_ratio(m.out_features, m.in_features, param_ratio, storage)
+            for m in analysis.modules}
 
 
 def predicted_curve(analysis: Analysis, ratios: Sequence[float], **allocate_options: Any) -> list[dict]:
@@ -246,7 +318,7 @@ def predicted_curve(analysis: Analysis, ratios: Sequence[float], **allocate_opti
     rows = []
     for ratio in ratios:
         allocation = allocate(analysis, param_ratio=ratio, **allocate_options)
-        uniform = uniform_ranks(analysis, ratio)
+        uniform = uniform_ranks(analysis, ratio, allocate_options.get("storage", "factored"))
         rows.append({"param_ratio": ratio, "allocated_kl": allocation.predicted_kl,
                      "uniform_kl": analysis.predicted_kl(uniform),
                      "allocated_ratio": allocation.ratio, "dense_modules": len(allocation.dense)})
@@ -259,9 +331,9 @@ def predicted_curve(analysis: Analysis, ratios: Sequence[float], **allocate_opti
 
 def _cost_for(model: nn.Module, config: CompressionConfig, byte_budget: int | None) -> CostModel:
     if byte_budget is None:
-        return CostModel()
+        return CostModel(storage=config.storage)
     dtype = next(model.parameters()).dtype
-    return CostModel.for_bytes(dtype, getattr(config, "quant_bits", None))
+    return CostModel.for_bytes(dtype, getattr(config, "quant_bits", None), config.storage)
 
 
 def allocate_config(
@@ -274,6 +346,7 @@ def allocate_config(
     min_rank: int = 8,
     rank_step: int = 8,
     allow_dense: bool = True,
+    int8_options: bool = False,
     **analysis_options: Any,
 ) -> CompressionConfig:
     """Analyse ``model`` (or reuse the cache in ``analysis_dir``) and return ``base_config`` with
@@ -281,21 +354,34 @@ def allocate_config(
 
     Call it on the uncompressed model, then ``compress_(model, returned_config, calibration)``.
     The sensitivity is measured with whitened truncation whatever ``base_config.method`` is.
+    ``int8_options`` (with ``byte_budget``): each module may also be dense INT8 or hold INT8
+    factors, priced and predicted from :func:`svdcompress.quantize.int8_sensitivity` (cached in
+    ``analysis_dir`` too).
     """
-    if base_config.storage != "factored":
-        raise ConfigError("allocation trades parameters; it needs storage='factored'.")
+    if int8_options and byte_budget is None:
+        raise ConfigError("INT8 options trade bytes: give a byte budget with them.")
+    if base_config.storage not in ("factored", "pivoted"):
+        raise ConfigError("allocation trades parameters; it needs storage='factored' or 'pivoted'.")
     if byte_budget is None and base_config.param_ratio is None:
         raise ConfigError("allocation needs a global budget: param_ratio or a byte budget.")
     analysis = analyze(model, calibration, analysis_dir, targets=base_config.targets,
                        exclude=base_config.exclude, **analysis_options)
+    int8 = None
+    if int8_options:
+        from svdcompress.quantize import int8_sensitivity  # lazy: quantize imports compress's deps
+
+        int8 = int8_sensitivity(model, calibration, analysis, analysis_dir, min_rank=min_rank)
     allocation = allocate(
         analysis, param_ratio=None if byte_budget is not None else base_config.param_ratio,
         byte_budget=byte_budget, cost=_cost_for(model, base_config, byte_budget),
-        min_rank=min_rank, rank_step=rank_step, allow_dense=allow_dense,
+        min_rank=min_rank, rank_step=rank_step, allow_dense=allow_dense, storage=base_config.storage,
+        int8=int8,
     )
     config = allocation.to_config(base_config)
     if analysis_dir is not None:  # the same recipe `analyze` writes: `compress --recipe` reads it
         tag = f"p{base_config.param_ratio:.2f}" if byte_budget is None else f"b{byte_budget}"
+        tag += "-pivoted" if base_config.storage == "pivoted" else ""
+        tag += "-int8" if int8_options else ""
         atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json", config.to_dict())
     logger.info("allocated %d modules (%d left dense): %.4f of %s, predicted KL %.4g",
                 len(allocation.ranks), len(allocation.dense), allocation.ratio, allocation.unit,

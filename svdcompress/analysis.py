@@ -55,6 +55,7 @@ from svdcompress.diagnostics import (  # re-exported: policy diagnostics began h
     layer_drift,
 )
 from svdcompress.errors import AnalysisError
+from svdcompress.evaluate import kl_divergence
 from svdcompress.fetch import atomic_write_json
 from svdcompress.linalg import whitening
 from svdcompress.modules import dense_weight, unsplit_state_dict
@@ -429,7 +430,7 @@ class _Probe:
         kl, nll = 0.0, 0.0
         for rows, logp in self.logp_chunks(hidden):
             ref = self.ref_logp[rows]
-            kl += float((ref.exp() * (ref - logp)).sum())
+            kl += float(kl_divergence(ref, logp).sum())
             nll += float(F.nll_loss(logp, self.labels[rows], ignore_index=-100, reduction="sum"))
         n_labels = int((self.labels >= 0).sum())
         return max(kl, 0.0) / self.labels.numel(), (nll - self.ref_nll) / n_labels

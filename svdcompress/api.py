@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from svdcompress.commands._vocabulary import (
+from svdcompress.pipelines import (
     DEFAULT_DATA,
     DEFAULT_SEED,
     DEFAULT_SEQ_LEN,
@@ -43,11 +43,11 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
     sensitivity. ``options`` go to the command's pipeline (``error_report``, ``stream``,
     ``max_memory``, ``recipe``). Returns the summary the command prints.
     """
-    from svdcompress.commands.compress import _allocation_options, run_compress
     from svdcompress.config import WhitenConfig
+    from svdcompress.pipelines.compress import allocation_options, run_compress
 
     config = config if config is not None else WhitenConfig(param_ratio=0.8)
-    allocation = _allocation_options(allocate, Path(analysis_dir) if analysis_dir else None,
+    allocation = allocation_options(allocate, Path(analysis_dir) if analysis_dir else None,
                                      byte_budget)
     return run_compress(model, config, Path(out), calib=data, calib_samples=windows,
                         seq_len=seq_len, n_facts=facts, overwrite=overwrite,
@@ -65,27 +65,30 @@ def analyze(model: str, out: str | Path, *, param_ratios: Sequence[float] = (0.8
     ``min_rank``, ``rank_step``, ``diagnose`` (``()`` skips it), ``eval_windows``. Returns the
     summary also written to ``out/analysis.json``.
     """
-    from svdcompress.commands.analyze import analyze_model
+    from svdcompress.pipelines.analyze import analyze_model
 
     return analyze_model(model, Path(out), data=data, windows=windows, seq_len=seq_len, seed=seed,
                          device=device, ratios=tuple(param_ratios), **options)
 
 
 def recover(checkpoint: str | Path, *, steps: int, out: str | Path | None = None, lr: float = 1e-4,
-            batch_size: int = 4, train_norms: bool = False, base: str | None = None,
+            batch_size: int = 4, train_norms: bool = False, hidden_weight: float = 0.0,
+            base: str | None = None,
             data: str = DEFAULT_DATA, windows: int | None = None, seq_len: int = DEFAULT_SEQ_LEN,
             seed: int = DEFAULT_SEED, device: str = "auto", resume: bool = False,
             overwrite: bool = False, checkpoint_every: int = 50) -> dict[str, Any]:
     """Distil the original model's logits into a compressed ``checkpoint``'s factors; save to
     ``out`` (default ``CHECKPOINT-recovered``). ``windows`` defaults to steps × batch size (each
-    seen once). Returns the summary written to ``recovery_report.json``."""
-    from svdcompress.commands.recover import run_recover
+    seen once); ``data`` may join sources with ``+`` (``"wiki+news"``); ``hidden_weight`` > 0 adds
+    hidden-state distillation. Returns the summary written to ``recovery_report.json``."""
+    from svdcompress.pipelines.recover import run_recover
     from svdcompress.recover import RecoverySettings
 
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.name}-recovered")
     settings = RecoverySettings(steps=steps, lr=lr, batch_size=batch_size, train_norms=train_norms,
-                                seed=seed, checkpoint_every=checkpoint_every)
+                                hidden_weight=hidden_weight, seed=seed,
+                                checkpoint_every=checkpoint_every)
     return run_recover(checkpoint, settings, out=out, base=base, data=data, seq_len=seq_len,
                        n_windows=windows, resume=resume, overwrite=overwrite, device=device)
 
@@ -95,8 +98,8 @@ def finetune(model: str, data: str | Path, out: str | Path, config=None, *, resu
     """Fine-tune ``model`` on the ``.txt``/``.jsonl`` file ``data`` with the Hugging Face Trainer
     (``config``: a :class:`~svdcompress.finetune.FinetuneConfig`; default the CLI's: one epoch at
     lr 1e-5, rows of up to 512 tokens) and save to ``out``. Returns the summary written to ``finetune_report.json``."""
-    from svdcompress.commands.finetune import run_finetune
     from svdcompress.finetune import FinetuneConfig
+    from svdcompress.pipelines.finetune import run_finetune
 
     config = config if config is not None else FinetuneConfig(seq_len=DEFAULT_SEQ_LEN)
     return run_finetune(model, Path(data), config, out=Path(out), resume=resume, overwrite=overwrite)
@@ -112,7 +115,7 @@ def evaluate(model: str, *, reference: str | None = None, data: str = DEFAULT_DA
     ``settings``: ``second_domain`` (default ``"sotu"``, ``None`` skips), ``facts`` (300; 0 skips),
     ``generation``, ``batch_size``. Returns what ``svdcompress eval --json`` writes.
     """
-    from svdcompress.commands.evaluate import run_eval
+    from svdcompress.pipelines.evaluate import run_eval
 
     return run_eval(model, reference_spec=reference, tasks=tasks, limit=limit, device=device,
                     data=data, n_samples=windows, seq_len=seq_len, seed=seed, **settings)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from svdcompress import distributed
 from svdcompress.errors import CalibrationError
+from svdcompress.linalg import symmetrize_
 from svdcompress.targets import Target, decoder_blocks, linear_shape
 
 __all__ = ["Calibration", "ModuleStats", "forward_hooks", "run_sequential"]
@@ -88,6 +89,11 @@ class _BlockInputsCaptured(Exception):
     """Raised by the capture hook: the rest of the model need not run (llm-compressor does the same)."""
 
 
+class _BlockStatisticsComplete(Exception):
+    """Raised once every target of a block has seen its input in this batch: the statistics pass
+    needs nothing after that (in a Llama block, not down_proj's product nor the residual add)."""
+
+
 @dataclass
 class _BlockCall:
     hidden: torch.Tensor
@@ -121,6 +127,18 @@ def _flat_input(args: tuple) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+def _add_gram_lower_(gram: torch.Tensor, x: torch.Tensor, columns: int = 256) -> None:
+    """Add xᵀx's lower triangle (and diagonal blocks) to ``gram``, a band of columns at a time.
+
+    About half the products of x.T @ x (42 % fewer for a 1536-wide input; :func:`symmetrize_` fills
+    the upper triangle once all batches are in), and the float32 product of a wide input (TinyLlama's
+    down_proj: 5632² = 121 MiB) is never whole. Each band is added to the float64 sum exactly.
+    """
+    for start in range(0, x.shape[1], columns):
+        stop = start + columns
+        gram[start:, start:stop] += x[:, start:].T @ x[:, start:stop]
+
+
 def _gather_block_stats(
     block: nn.Module,
     modules: dict[str, nn.Module],
@@ -128,11 +146,17 @@ def _gather_block_stats(
     compressed: list[torch.Tensor],
     original: list[torch.Tensor] | None,
 ) -> tuple[dict[str, ModuleStats], list[torch.Tensor] | None]:
-    """One pass over the batches: statistics for each target, and the original stream's next state."""
-    stats = {name: _empty_stats(m) for name, m in modules.items()}
+    """One pass over the batches: statistics for each target, and the original stream's next state.
+
+    Targets fed the same tensor (q/k/v, gate/up) share one Gram matrix and one absolute sum
+    (the same ``torch.Tensor`` objects in their ``ModuleStats``): computed once, held once.
+    """
+    stats: dict[str, ModuleStats] = {}
     original_inputs: dict[str, torch.Tensor] = {}
     next_original: list[torch.Tensor] | None = [] if original is not None else None
     batch_cache: dict[tuple, tuple] = {}
+    added: dict[int, tuple] = {}  # id of a shared Gram -> the input added to it in this batch
+    seen: set[str] = set()
 
     def remember_original(name):
         def hook(_module, args, _output):
@@ -140,17 +164,26 @@ def _gather_block_stats(
         return hook
 
     def accumulate(name):
-        def hook(_module, args, _output):
+        def hook(_module, args, _kwargs):
             x = _flat_input(args)  # (tokens, in)
+            # x is kept in the cache so its memory cannot be freed and reused by a later input of
+            # the same shape within this batch: a reused address would hit a stale entry.
             key = (x.data_ptr(), tuple(x.shape))
-            if key not in batch_cache:  # q/k/v (and gate/up) share one input: compute once
-                # x is kept in the cache so its memory cannot be freed and reused by a later input
-                # of the same shape within this batch: a reused address would hit a stale entry.
-                batch_cache[key] = ((x.T @ x).double(), x.abs().sum(0).double(), x)
-            gram, abs_sum, _ = batch_cache[key]
+            sharer = batch_cache.setdefault(key, (name, x))[0]
+            if name not in stats:  # the first batch decides who shares with whom
+                stats[name] = (_empty_stats(modules[name]) if sharer == name else
+                               ModuleStats(gram=stats[sharer].gram, abs_sum=stats[sharer].abs_sum))
             entry = stats[name]
-            entry.gram += gram
-            entry.abs_sum += abs_sum
+            previous = added.get(id(entry.gram))
+            if previous is None:  # the first of its sharers in this batch adds the input, once
+                added[id(entry.gram)] = key
+                _add_gram_lower_(entry.gram, x)
+                entry.abs_sum += x.abs().sum(0)
+            elif previous != key:
+                raise CalibrationError(
+                    f"{name} shares its input statistics with other targets (they were fed the same "
+                    "tensor in the first calibration batch) but was fed another tensor in a later one."
+                )
             entry.n_tokens += x.shape[0]
             if name in original_inputs:
                 x_orig = original_inputs[name]
@@ -159,9 +192,12 @@ def _gather_block_stats(
                 # Σ x xᵀ of the original stream: the constant ‖W X‖² of the refinement objective.
                 okey = ("original", x_orig.data_ptr(), tuple(x_orig.shape))
                 if okey not in batch_cache:
-                    batch_cache[okey] = ((x_orig.T @ x_orig).double(), None, x_orig)
+                    batch_cache[okey] = (x_orig.T @ x_orig, x_orig)
                 ogram = batch_cache[okey][0]
-                entry.original_gram = ogram.clone() if entry.original_gram is None else entry.original_gram + ogram
+                entry.original_gram = ogram.double() if entry.original_gram is None else entry.original_gram + ogram
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _BlockStatisticsComplete
         return hook
 
     with torch.no_grad():
@@ -170,10 +206,32 @@ def _gather_block_stats(
                 with forward_hooks({m: remember_original(n) for n, m in modules.items()}):
                     next_original.append(_run_block(block, call, original[index]))
             batch_cache.clear()
-            with forward_hooks({m: accumulate(n) for n, m in modules.items()}):
+            added.clear()
+            seen.clear()
+            # Pre-hooks: the statistics need each target's input, never its output.
+            with forward_hooks({m: accumulate(n) for n, m in modules.items()}, pre=True), \
+                    contextlib.suppress(_BlockStatisticsComplete):
                 _run_block(block, call, compressed[index])
+            _check_sharers_ran(stats, seen)
             original_inputs.clear()
-    return stats, next_original
+    for name, module in modules.items():  # a target no batch reached (never so in a dense block)
+        stats.setdefault(name, _empty_stats(module))
+    for gram in {id(entry.gram): entry.gram for entry in stats.values()}.values():
+        # Exactly symmetric before anyone reads it: the whitening decomposes the Gram in its own
+        # memory and leaves it so, and every rank and path must then see the same matrix.
+        symmetrize_(gram)
+    return {name: stats[name] for name in modules}, next_original
+
+
+def _check_sharers_ran(stats: dict[str, ModuleStats], seen: set[str]) -> None:
+    """A shared sum is right only if every target sharing it saw this batch's input too."""
+    ran = {id(stats[name].gram) for name in seen}
+    missing = [name for name, entry in stats.items() if id(entry.gram) in ran and name not in seen]
+    if missing:
+        raise CalibrationError(
+            f"{', '.join(missing)} shared input statistics with targets that ran in a calibration "
+            "batch where they did not."
+        )
 
 
 def _empty_stats(module: nn.Module) -> ModuleStats:

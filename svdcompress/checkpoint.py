@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -47,10 +48,13 @@ from svdcompress.modules import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "OLDER_FORMATS",
     "QUANT_METHOD",
     "SvdCompressQuantizationConfig",
     "check_tensors",
+    "checkpoint_format",
     "clear_stale_temporaries",
+    "conv1d_weights",
     "densify_",
     "export_dense",
     "guard_names",
@@ -58,8 +62,12 @@ __all__ = [
     "install_empty_modules_",
     "is_compressed_checkpoint",
     "load",
+    "migrate",
+    "push_to_hub",
     "save",
+    "state_to_save",
     "tensor_headers",
+    "transpose_conv1d_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,7 +147,27 @@ def atomic_folder(out_dir: str | Path, *, overwrite: bool = False):
 
 
 QUANT_METHOD = "svdcompress"  # quantization_config.quant_method: how transformers finds our loader
-CHECKPOINT_FORMAT = 2  # 1: compression_config only; 2: + quantization_config and guard tensors
+# 1: compression_config only; 2: + quantization_config and guard tensors; 3: float dense layers that
+# replaced a Conv1D are stored as Conv1D stores its weight (conv1d_weights).
+CHECKPOINT_FORMAT = 3
+OLDER_FORMATS = (1, 2)  # load reads them as they are; migrate rewrites them as CHECKPOINT_FORMAT
+
+
+def _other_format(version) -> str:
+    if version in OLDER_FORMATS:
+        return (
+            f"this checkpoint is svdcompress checkpoint format {version}, written by an earlier "
+            f"version, and from_pretrained reads format {CHECKPOINT_FORMAT}: rewrite it once with "
+            "`svdcompress migrate DIR` (add `--out NEW` to keep the original folder); "
+            "svdcompress.load(DIR) reads it as it is."
+        )
+    return (
+        f"this checkpoint is svdcompress checkpoint format {version!r} "
+        f"(quantization_config.format_version) and this version reads format "
+        f"{CHECKPOINT_FORMAT}: load it with the svdcompress version that wrote it "
+        "(compression_config.library_version in its config.json), or rebuild it from its "
+        "recipe.yaml with this one (svdcompress compress BASE --recipe DIR/recipe.yaml)."
+    )
 
 
 class SvdCompressQuantizationConfig(QuantizationConfigMixin):
@@ -155,13 +183,7 @@ class SvdCompressQuantizationConfig(QuantizationConfigMixin):
                  format_version: int = CHECKPOINT_FORMAT, quant_method: str = QUANT_METHOD,
                  **unknown) -> None:
         if format_version != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"this checkpoint is svdcompress checkpoint format {format_version!r} "
-                f"(quantization_config.format_version) and this version reads format "
-                f"{CHECKPOINT_FORMAT}: load it with the svdcompress version that wrote it "
-                "(compression_config.library_version in its config.json), or rebuild it from its "
-                "recipe.yaml with this one (svdcompress compress BASE --recipe DIR/recipe.yaml)."
-            )
+            raise CheckpointError(_other_format(format_version))
         if unknown:
             raise CheckpointError(
                 f"quantization_config holds {sorted(unknown)}, which svdcompress format "
@@ -183,20 +205,12 @@ class SvdCompressQuantizationConfig(QuantizationConfigMixin):
     @classmethod
     def of_config(cls, config) -> SvdCompressQuantizationConfig:
         """The layout :func:`load` rebuilds: ``compression_config``'s module specs, the record every
-        format holds, once the format ``quantization_config`` names (format 2) is one we read.
+        format holds (:func:`checkpoint_format` refuses one this version does not read).
 
         Both loaders check the tensors against the copy they read, so an edit of either copy that
         no longer matches the tensors is refused by the loader that reads it.
         """
-        entry = getattr(config, "quantization_config", None)
-        if entry is not None:
-            entry = entry if isinstance(entry, dict) else entry.to_dict()
-            if entry.get("quant_method") != QUANT_METHOD:
-                raise CheckpointError(
-                    f"config.json's quantization_config is {entry.get('quant_method')!r}, not "
-                    f"{QUANT_METHOD!r}: not a checkpoint svdcompress wrote."
-                )
-            cls.from_dict(entry)  # refuses a format this version does not read
+        checkpoint_format(config)
         compression = getattr(config, "compression_config", None) or {}
         return cls(modules=compression.get("modules"), fused=compression.get("fused"))
 
@@ -206,13 +220,57 @@ class SvdCompressQuantizationConfig(QuantizationConfigMixin):
         return all(spec.get("quant_bits") is None for spec in self.modules.values())
 
 
+def checkpoint_format(config) -> int:
+    """The format a compressed checkpoint's config was written in: 1 without ``quantization_config``,
+    else its ``format_version``; one this version does not read is refused with what to do."""
+    entry = getattr(config, "quantization_config", None)
+    if entry is None:
+        return 1
+    entry = entry if isinstance(entry, dict) else entry.to_dict()
+    if entry.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"config.json's quantization_config is {entry.get('quant_method')!r}, not "
+            f"{QUANT_METHOD!r}: not a checkpoint svdcompress wrote."
+        )
+    if entry.get("format_version") in OLDER_FORMATS:
+        return entry["format_version"]
+    SvdCompressQuantizationConfig.from_dict(entry)  # refuses a newer format and unknown keys
+    return CHECKPOINT_FORMAT
+
+
+def conv1d_weights(layout: SvdCompressQuantizationConfig) -> list[str]:
+    """Tensors a checkpoint stores transposed, as ``Conv1D`` stores its weight (in, out), since format 3.
+
+    A float dense-storage module that replaced GPT-2's ``Conv1D`` holds a plain ``weight`` under the
+    stock name, so it gets no guard tensor; stored (out, in) as formats 1 and 2 did, stock
+    transformers refused it when non-square but loaded a square one (``attn.c_proj``) transposed,
+    silently wrong. In Conv1D's orientation stock transformers loads the rank-r weight correctly.
+    """
+    return sorted(f"{name}.weight" for name, spec in layout.modules.items()
+                  if spec["layout"] == "conv1d" and "weight" in tensor_layout(spec))
+
+
+def transpose_conv1d_weights(layout: SvdCompressQuantizationConfig, state: dict) -> dict:
+    """``state`` (name -> tensor, or -> (shape, dtype) headers) with :func:`conv1d_weights`
+    transposed: the module's orientation to the file's and back (its own inverse)."""
+    names = set(conv1d_weights(layout))
+    flipped = {}
+    for key, value in state.items():
+        if key in names and isinstance(value, torch.Tensor):
+            value = value.T.contiguous()
+        elif key in names:  # (shape, dtype) from tensor_headers
+            value = (tuple(reversed(value[0])), value[1])
+        flipped[key] = value
+    return flipped
+
+
 def guard_names(layout: SvdCompressQuantizationConfig) -> list[str]:
     """Stock weight names that the checkpoint's modules no longer hold, one guard tensor each.
 
     transformers without ``import svdcompress`` skips an unknown ``quant_method`` with a warning
     and would fill such a layer's missing ``weight`` with random numbers. A one-number tensor under
     that name turns it into a size-mismatch error. A float dense rank-r module keeps a real
-    ``weight``, which stock transformers loads as it is.
+    ``weight``, which stock transformers loads as it is (a Conv1D one: :func:`conv1d_weights`).
     """
     names = [f"{name}.weight" for name, spec in layout.modules.items()
              if "weight" not in tensor_layout(spec)]
@@ -223,6 +281,15 @@ def guard_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The guard tensors to save beside ``model``'s own (see :func:`guard_names`)."""
     layout = SvdCompressQuantizationConfig.from_model(model)
     return {} if layout is None else {name: torch.zeros(1) for name in guard_names(layout)}
+
+
+def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint of ``model`` holds, as the file holds it: what ``save`` and
+    ``save_pretrained`` (the quantizer) write."""
+    layout = SvdCompressQuantizationConfig.from_model(model)
+    if layout is None:
+        return model.state_dict()
+    return {**transpose_conv1d_weights(layout, model.state_dict()), **guard_tensors(model)}
 
 
 def install_empty_modules_(model: nn.Module, layout: SvdCompressQuantizationConfig) -> None:
@@ -241,7 +308,7 @@ def install_empty_modules_(model: nn.Module, layout: SvdCompressQuantizationConf
         model.set_submodule(name, module)
 
 
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "F16": torch.float16,
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
                        "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -293,7 +360,7 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
         with atomic_folder(out_dir, overwrite=overwrite) as tmp:
             if tensor_writer is None:
                 model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
-                                      state_dict={**model.state_dict(), **guard_tensors(model)})
+                                      state_dict=state_to_save(model))
             else:
                 _save_streamed(model, tmp, tensor_writer)
             if tokenizer is not None:
@@ -315,9 +382,47 @@ def _save_streamed(model: nn.Module, folder: Path, tensor_writer: Callable[[Path
     if not guards:
         single.unlink(missing_ok=True)
     weight_map.update(tensor_writer(folder))
+    _transpose_in_shards(model, folder, weight_map)
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, commit_message: str | None = None,
+                commit_description: str | None = None, private: bool | None = None,
+                token: str | bool | None = None, create_pr: bool = False, revision: str | None = None,
+                max_shard_size: str = "2GB"):
+    """Upload the folder :func:`save` writes — the model card and recipe with the tensors — to the
+    hub repository ``repo_id`` (created if missing); returns the commit.
+
+    transformers' own ``push_to_hub`` saves with ``save_pretrained`` and then writes its generic
+    card (or the repository's old one) as ``README.md``: the settings, calibration and command in
+    ours would never reach the hub. :func:`svdcompress.hf_integration.attach_quantizer` makes
+    ``model.push_to_hub`` this function for every model svdcompress compressed or loaded.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save(model, Path(tmp) / "upload", tokenizer=tokenizer, max_shard_size=max_shard_size)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload svdcompress model",
+            commit_description=commit_description, create_pr=create_pr, revision=revision,
+        )
+
+
+def _transpose_in_shards(model: nn.Module, folder: Path, weight_map: dict[str, str]) -> None:
+    """Put :func:`conv1d_weights` in the file's orientation in shards a ``tensor_writer`` wrote from
+    module state. Each shard is written anew and renamed over the old: a hard-linked shard's
+    other name (streaming's work folder) keeps its tensors."""
+    layout = SvdCompressQuantizationConfig.from_model(model)
+    names = set(conv1d_weights(layout)) if layout is not None else set()
+    for shard in sorted({weight_map[name] for name in names if name in weight_map}):
+        tensors = load_file(folder / shard)
+        tensors = {k: (v.T.contiguous() if k in names else v) for k, v in tensors.items()}
+        save_file(tensors, folder / f"{shard}.partial", metadata={"format": "pt"})
+        os.replace(folder / f"{shard}.partial", folder / shard)
 
 
 def _record_layout(model: nn.Module) -> None:
@@ -402,7 +507,8 @@ def _check_spec(name: str, spec: dict, headers: dict[str, tuple[tuple[int, ...],
                 "the checkpoint's tensors and its config.json do not belong together."
             )
         if dtype is not None and found_dtype != dtype:
-            raise CheckpointError(f"{key} is {found_dtype}, expected {dtype} for int{bits} storage.")
+            raise CheckpointError(f"{key} is {found_dtype}, expected {dtype} for {spec['storage']} "
+                                  f"storage with quant_bits={bits}.")
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: bool = True):
@@ -414,10 +520,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: boo
     compression = getattr(config, "compression_config", None)
     if not compression:
         raise CheckpointError(f"{path}/config.json has no compression_config; load it as a plain model.")
+    version = checkpoint_format(config)
     layout = SvdCompressQuantizationConfig.of_config(config)
     state = _read_state_dict(path, device)
     for name in guard_names(layout):  # only there to stop stock transformers (guard_names)
         state.pop(name, None)
+    if version >= 3:
+        state = transpose_conv1d_weights(layout, state)
     check_tensors(layout, {key: (tuple(t.shape), t.dtype) for key, t in state.items()})
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -433,6 +542,39 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", tokenizer: boo
 
         tok = AutoTokenizer.from_pretrained(path)
     return model, tok
+
+
+# What save writes itself; anything else in a folder (reports, the evaluated card) goes along.
+_REWRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def migrate(path: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Rewrite a checkpoint of an older format (:data:`OLDER_FORMATS`) as :data:`CHECKPOINT_FORMAT`,
+    which ``AutoModelForCausalLM.from_pretrained`` reads: in place, or into ``out`` (an existing
+    ``out`` only with ``overwrite``).
+
+    The tensors are the same numbers (read by :func:`load`, written by :func:`save`); the folder's
+    other files (model card, recipe, reports) are kept as they are, and a folder without a card or
+    recipe gets them. A folder already in this format is left alone (copied when ``out`` is given).
+    """
+    path = Path(path)
+    model, tokenizer = load(path)
+    version = checkpoint_format(model.config)
+    if version == CHECKPOINT_FORMAT and out is None:
+        logger.info("%s is already svdcompress checkpoint format %d; nothing to do", path, version)
+        return path
+    kept = {}
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.suffix != ".safetensors" and file.name not in _REWRITTEN \
+                and not file.name.startswith("tokenizer"):
+            try:
+                kept[file.name] = file.read_text()
+            except UnicodeDecodeError:
+                logger.warning("%s: not text, so not carried into the migrated folder", file)
+    saved = save(model, out if out is not None else path, tokenizer=tokenizer, overwrite=overwrite or out is None,
+                 extra_files=kept)
+    logger.info("migrated %s from format %d to format %d: %s", path, version, CHECKPOINT_FORMAT, saved)
+    return saved
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

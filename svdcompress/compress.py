@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import resource
 import time
@@ -14,15 +13,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdcompress import __version__, distributed
+from svdcompress import distributed
+from svdcompress._version import __version__
 from svdcompress.calibration import Calibration, ModuleStats, run_sequential
 from svdcompress.config import CompressionConfig
-from svdcompress.errors import CalibrationError, ConfigError
+from svdcompress.errors import CalibrationError, ConfigError, require_finite
 from svdcompress.hf_integration import attach_quantizer
 from svdcompress.linalg import (
     Factors,
     break_even_rank,
+    factored_params,
     least_squares_left,
+    rank_for_param_ratio,
     relative_output_error,
     relative_weight_error,
 )
@@ -136,20 +138,28 @@ def _rank_for(config: CompressionConfig, target: Target) -> int:
     elif config.rank_ratio is not None:
         rank = max(1, round(config.rank_ratio * min(m, n)))
     else:
-        rank = max(1, math.floor(config.param_ratio * m * n / (m + n)))
+        rank = rank_for_param_ratio(m, n, config.param_ratio, config.storage)
     if rank > min(m, n):
         raise ConfigError(f"{target.name}: rank {rank} exceeds min(out, in) = {min(m, n)}.")
-    if config.storage == "factored" and rank > break_even_rank(m, n):
+    storage = config.storage
+    if storage != "dense" and rank > break_even_rank(m, n, storage):
         raise ConfigError(
-            f"{target.name} ({m}×{n}): rank {rank} stored as two factors holds {rank * (m + n):,} "
-            f"numbers, not fewer than the {m * n:,} of the dense matrix (break-even rank "
-            f"{break_even_rank(m, n)}). Lower the rank, exclude the module, or use storage='dense'."
+            f"{target.name} ({m}×{n}): rank {rank} stored {storage} holds "
+            f"{factored_params(m, n, rank, storage):,} numbers, not fewer than the {m * n:,} of the "
+            f"dense matrix (break-even rank {break_even_rank(m, n, storage)}). Lower the rank, "
+            "exclude the module, or use storage='dense'."
         )
     return rank
 
 
 def resolve_ranks(config: CompressionConfig, targets: list[Target]) -> dict[str, int]:
     """Each target's rank under the config; patterns in rank_pattern must match something."""
+    int8 = [t.name for t in targets if any(re.search(p, t.name) for p in config.dense_int8)]
+    if int8:  # compress_ takes them out first; a path that does not (streaming) must not factor them
+        raise ConfigError(
+            f"{int8[0]} is in dense_int8 (kept unfactored as INT8), which only in-memory "
+            "compression supports; run without --stream, or drop dense_int8 from the config."
+        )
     for pattern in config.rank_pattern:
         if not any(re.search(pattern, t.name) for t in targets):
             raise ConfigError(
@@ -159,20 +169,33 @@ def resolve_ranks(config: CompressionConfig, targets: list[Target]) -> dict[str,
     return {t.name: _rank_for(config, t) for t in targets}
 
 
+def _quant_bits_for(config: CompressionConfig, name: str) -> int | None:
+    for pattern, bits in config.quant_pattern.items():
+        if re.search(pattern, name):
+            return bits
+    return config.quant_bits
+
+
+def _split_dense_int8(config: CompressionConfig, targets: list[Target]) -> tuple[list, list]:
+    """(targets kept dense as INT8, targets to factorize); every pattern must match a target."""
+    for field_name, patterns, among in (("dense_int8", config.dense_int8, targets),
+                                        ("quant_pattern", config.quant_pattern, targets)):
+        for pattern in patterns:
+            if not any(re.search(pattern, t.name) for t in among):
+                raise ConfigError(f"{field_name} pattern {pattern!r} matches none of the "
+                                  f"{len(among)} targeted modules; fix or drop it.")
+    dense = [t for t in targets if any(re.search(p, t.name) for p in config.dense_int8)]
+    return dense, [t for t in targets if t not in dense]
+
+
 def _check_finite(model: nn.Module, targets: list[Target]) -> None:
     for target in targets:
-        weight = dense_weight(model.get_submodule(target.name))
-        if not torch.isfinite(weight).all():
-            raise ConfigError(f"{target.name} holds NaN or inf weights; refusing to compress it.")
+        require_finite({"its weight": dense_weight(model.get_submodule(target.name))}, module=target.name,
+                       error=ConfigError, refusing="compress it", fix="the model's weights are broken")
 
 
 def _bytes(params: int, dtype: torch.dtype) -> int:
     return params * dtype.itemsize
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
 
 
 class _Compressor:
@@ -197,8 +220,9 @@ class _Compressor:
         refined = _refine(name, weight, factors, stats, self.config)
         if refined is not None:
             factors = refined.factors
-        if not (torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
-            raise CalibrationError(f"{name}: factorization produced NaN/inf (degenerate statistics).")
+        require_finite({"the left factor": factors.left, "the right factor": factors.right}, module=name,
+                       error=CalibrationError, refusing="install it",
+                       fix="degenerate calibration statistics: more or other calibration windows")
         return factors, refined
 
     def install(self, name: str, stats: ModuleStats | None, factors: Factors,
@@ -209,14 +233,24 @@ class _Compressor:
         dtype = weight.dtype
         factors = Factors(factors.left.to(dtype), factors.right.to(dtype), factors.notes)
         new = LowRankLinear.from_linear(module, factors, storage=self.config.storage)
-        if self.config.quant_bits is not None:
+        bits = _quant_bits_for(self.config, name)
+        if bits is not None:
             # Last step, after anything that changes the float factors: quantize what is final.
-            quantize_module(name, new, self.config.quant_bits)
+            quantize_module(name, new, bits)
         self.reports.append(self._report(name, module, new, weight, stats, factors.notes))
         if refined is not None:
             _record_refinement(self.reports[-1], refined)
         self.specs[name] = new.spec()
-        _replace(self.model, name, new)
+        self.model.set_submodule(name, new)
+
+    def install_dense_int8(self, name: str) -> None:
+        """Keep ``name`` unfactored with its weight as per-row INT8 (``config.dense_int8``)."""
+        module = self.model.get_submodule(name)
+        weight = dense_weight(module).detach()
+        new = quantize_module(name, LowRankLinear.full_rank_copy(module), 8)
+        self.reports.append(self._report(name, module, new, weight, None, ("dense INT8, not factored",)))
+        self.specs[name] = new.spec()
+        self.model.set_submodule(name, new)
 
     def _report(self, name, old, new, weight, stats, notes) -> ModuleReport:
         approx = new.dense_weight().detach()
@@ -294,6 +328,8 @@ def compress_(
     _check_token_ids(model, calibration)
     targets = find_targets(model, config.targets, config.exclude)
     excluded = _excluded(model, config, targets)  # before the swap: afterwards a role may be gone
+    _check_finite(model, targets)
+    int8_targets, targets = _split_dense_int8(config, targets)
     ranks = resolve_ranks(config, targets)
     if config.uses_calibration and calibration is None:
         raise CalibrationError(
@@ -301,17 +337,19 @@ def compress_(
             f"{' with refine_iters>0' if config.refine_iters else ''} needs "
             "calibration windows: compress_(model, config, calibration=token_windows(...))."
         )
-    _check_finite(model, targets)
     base = _base_model(model)  # before anything changes: what the original was, by name and weights
     params_before = stored_numbers(model)
     method = get_method(config)
-    extras = method.prepare(model, targets, config, calibration, importance) if method.prepare else {}
+    prepare = method.prepare if targets else None  # all dense INT8: nothing to factorize
+    extras = prepare(model, targets, config, calibration, importance) if prepare else {}
     compressor = _Compressor(model, config, ranks, method, extras)
     sizes = {t.name: t.out_features * t.in_features for t in targets}  # factorization cost
-    if calibration is None:
+    for target in int8_targets:  # first, so the factorized blocks calibrate on their INT8 outputs
+        compressor.install_dense_int8(target.name)
+    if targets and calibration is None:
         for target in tqdm(targets, desc=f"{config.method} factorizing", leave=False):
             compressor.compress_module(target.name, None)
-    else:
+    elif targets:
         def compress_block(_index: int, stats: dict[str, ModuleStats]) -> None:
             # Under torchrun one rank factorizes each module and broadcasts it (distributed.py).
             distributed.spread_factorization(
@@ -320,7 +358,7 @@ def compress_(
                 sizes)
 
         run_sequential(model, targets, calibration, compress_block,
-                       batch_size=config.calib_batch_size, track_original=config.update)
+                       batch_size=config.calib_batch_size, track_original=config.tracks_original)
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,

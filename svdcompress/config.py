@@ -7,7 +7,9 @@
   out·in/(out+in) saves nothing; such a rank is refused for ``storage="factored"``.
 
 ``storage="dense"`` keeps the rank-r product as an ordinary dense matrix (SVD as denoising, the
-seeds' CF90 use): no parameters are saved and the report says so.
+seeds' CF90 use): no parameters are saved and the report says so. ``storage="pivoted"`` (PIFA) holds
+the same rank-r product as ``factored`` in r·(out+in−r) numbers, so every rank below min(out, in)
+saves some and ``param_ratio`` buys a higher rank.
 
 Exactly one of ``rank``, ``rank_ratio``, ``param_ratio`` sets the default rank; ``rank_pattern``
 overrides it per module by regex (int = rank, float = rank_ratio), and ``exclude`` leaves modules
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -27,12 +30,14 @@ from svdcompress.errors import ConfigError
 from svdcompress.linalg import SUPPORTED_QUANT_BITS
 
 __all__ = [
+    "STORAGES",
     "ASVDConfig",
     "CompressionConfig",
     "FisherConfig",
     "ImportanceConfig",
     "SVDConfig",
     "WhitenConfig",
+    "check_quant_bits",
     "config_from_dict",
     "load_recipe",
     "preset",
@@ -40,6 +45,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+STORAGES = ("factored", "pivoted", "dense")
 _CONFIG_TYPES: dict[str, type[CompressionConfig]] = {}
 
 
@@ -72,8 +78,10 @@ class CompressionConfig:
         default_factory=dict,
         metadata={"help": "regex -> rank (int) or rank_ratio (float); first match wins"},
     )
-    storage: Literal["factored", "dense"] = field(
-        default="factored", metadata={"help": "factored: two factors; dense: rank-r product"}
+    storage: Literal["factored", "dense", "pivoted"] = field(
+        default="factored",
+        metadata={"help": "factored: two factors; pivoted: the same product in fewer numbers "
+                  "(PIFA); dense: rank-r product"},
     )
     update: bool = field(
         default=False, metadata={"help": "closed-form least-squares update of the left factor"}
@@ -93,6 +101,16 @@ class CompressionConfig:
         metadata={"help": "store the factors as symmetric per-row integers of this width "
                   "(None: float; supported: 8)"},
     )
+    quant_pattern: dict[str, int | None] = field(
+        default_factory=dict,
+        metadata={"help": "regex -> quant_bits for the factors of matching modules (None: float); "
+                  "first match wins, quant_bits elsewhere"},
+    )
+    dense_int8: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "patterns of targeted modules kept unfactored and stored as symmetric "
+                  "per-row INT8 (the INT8 baseline's quantizer), e.g. from a byte allocation"},
+    )
 
     def __post_init__(self) -> None:
         self.targets = _as_tuple(self.targets, "targets")
@@ -107,8 +125,8 @@ class CompressionConfig:
             raise ConfigError(f"rank={self.rank} must be a positive integer.")
         _check_ratio("rank_ratio", self.rank_ratio)
         _check_ratio("param_ratio", self.param_ratio)
-        if self.storage not in ("factored", "dense"):
-            raise ConfigError(f"storage={self.storage!r}: use 'factored' or 'dense'.")
+        if self.storage not in STORAGES:
+            raise ConfigError(f"storage={self.storage!r}: use one of {', '.join(STORAGES)}.")
         if self.storage == "dense" and self.param_ratio is not None:
             raise ConfigError(
                 "param_ratio with storage='dense' saves no parameters: a dense rank-r matrix "
@@ -118,16 +136,24 @@ class CompressionConfig:
             _check_pattern_value(pattern, value)
         if self.calib_batch_size < 1:
             raise ConfigError(f"calib_batch_size={self.calib_batch_size} must be >= 1.")
-        _check_quant_bits(self.quant_bits)
+        check_quant_bits(self.quant_bits)
+        self.dense_int8 = _as_tuple(self.dense_int8, "dense_int8")
+        _check_quant_pattern(self.quant_pattern, self.dense_int8)
         _check_refine(self.refine_iters, self.refine_lr)
 
     @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or self.update or self.refine_iters > 0
 
+    @property
+    def tracks_original(self) -> bool:
+        """Calibration must also run the original model beside the compressed one (``cross``)."""
+        return self.update
+
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["targets"], data["exclude"] = list(self.targets), list(self.exclude)
+        data["dense_int8"] = list(self.dense_int8)
         return {"method": self.method, "format_version": FORMAT_VERSION, **dict(sorted(data.items()))}
 
     def replace(self, **changes: Any) -> CompressionConfig:
@@ -151,7 +177,8 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
     return value
 
 
-def _check_quant_bits(bits: Any) -> None:
+def check_quant_bits(bits: Any) -> None:
+    """Refuse a ``quant_bits`` this version cannot store (``None``: float factors)."""
     if bits is None:
         return
     if isinstance(bits, bool) or bits not in SUPPORTED_QUANT_BITS:
@@ -159,6 +186,21 @@ def _check_quant_bits(bits: Any) -> None:
             f"quant_bits={bits!r} is not supported; use None (float factors) or one of "
             f"{list(SUPPORTED_QUANT_BITS)} (int8 per-row factors)."
         )
+
+
+def _check_quant_pattern(pattern: Any, dense_int8: tuple[str, ...]) -> None:
+    if not isinstance(pattern, dict):
+        raise ConfigError(f"quant_pattern={pattern!r} must map regexes to quant_bits (8 or None).")
+    for regex in (*pattern, *dense_int8):
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ConfigError(f"{regex!r} is not a valid regular expression ({err}).") from None
+    for regex, bits in pattern.items():
+        try:
+            check_quant_bits(bits)
+        except ConfigError as err:
+            raise ConfigError(f"quant_pattern[{regex!r}]: {err}") from None
 
 
 def _check_refine(iters: Any, lr: Any) -> None:
@@ -189,10 +231,30 @@ class SVDConfig(CompressionConfig):
 
 @dataclass
 class WhitenConfig(CompressionConfig):
-    """SVD-LLM truncation-aware whitening: SVD of W·S with S Sᵀ = XᵀX from calibration inputs."""
+    """SVD-LLM truncation-aware whitening: SVD of W·S with S Sᵀ = XᵀX from calibration inputs.
+
+    ``error_blend`` β (cumulative-error-aware whitening, as SAES-SVD's CEALC): each layer's rank-r
+    product minimises Σ‖W((1−β)x' + βx) − W'x'‖² over the compressed model's inputs x' and the
+    original model's x — 0 is plain whitening (match the layer's own weight on drifted inputs),
+    1 the closed-form update's objective (match the original outputs, which issue 5 measured to
+    hurt). Still a closed form: whitened truncation of W((1−β)I + β·C·G'⁻¹).
+    """
 
     method: ClassVar[str] = "whiten"
     needs_calibration: ClassVar[bool] = True
+    error_blend: float = field(
+        default=0.0, metadata={"help": "0..1: how far each layer's target moves from its own "
+                               "weight on drifted inputs towards the original model's outputs"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        blend = self.error_blend
+        if isinstance(blend, bool) or not isinstance(blend, int | float) or not 0.0 <= blend <= 1.0:
+            raise ConfigError(f"error_blend={blend!r} must be a number in [0, 1] (0: plain whitening).")
+
+    @property
+    def tracks_original(self) -> bool:
+        return self.update or self.error_blend > 0
 
 
 @dataclass

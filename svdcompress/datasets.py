@@ -74,6 +74,7 @@ __all__ = [
     "load_corpus",
     "load_documents",
     "load_facts",
+    "source_names",
     "token_windows",
 ]
 
@@ -314,11 +315,27 @@ def corpus_summary(name: str) -> dict[str, dict[str, int]]:
 # Token windows
 
 
+MIX_SEPARATOR = "+"
+
+
+def source_names(source: str) -> list[str]:
+    """The text sources of a ``--data`` value: one name, or several joined by ``+`` (a mixture)."""
+    names = source.split(MIX_SEPARATOR)
+    if not all(names) or len(set(names)) != len(names):
+        raise DatasetError(
+            f"--data {source!r}: give one text source or distinct ones joined by "
+            f"'{MIX_SEPARATOR}', e.g. wiki{MIX_SEPARATOR}news; available: {', '.join(TEXT_SOURCES)}"
+        )
+    for name in names:
+        _source(name)
+    return names
+
+
 def check_window_request(seq_len: int, n_samples: int, max_positions: int | None = None, *,
                          source: str | None = None) -> None:
     """Refuse a window request that can never work, before anything slow (a model load) runs."""
     if source is not None:
-        _source(source)
+        source_names(source)
     if seq_len <= 0:
         raise DatasetError(f"seq_len (--seq-len) must be a positive number of tokens, got {seq_len}")
     if n_samples <= 0:
@@ -357,8 +374,18 @@ def token_windows(
 
     ``max_positions`` (the model's context length, when known) rejects a ``seq_len`` the model
     cannot attend over. Raises :class:`DatasetError` when the split has too few tokens.
+
+    A mixture ``"wiki+news"`` takes an equal share of the windows from each source (the first ones
+    get the remainder), each drawn as on its own, then shuffled together by ``seed``.
     """
     check_window_request(seq_len, n_samples, max_positions, source=name)
+    names = source_names(name)
+    if len(names) > 1:
+        shares = [n_samples // len(names) + (i < n_samples % len(names)) for i in range(len(names))]
+        parts = [token_windows(tokenizer, part, split, seq_len=seq_len, n_samples=share, seed=seed)
+                 for part, share in zip(names, shares, strict=True) if share]
+        mixed = torch.cat(parts)
+        return mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))]
     texts = load_documents(name, split)
     stream = _token_stream(tokenizer, texts) if texts else []  # an empty source is refused below
     available = len(stream) // seq_len

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from svdcompress.errors import CalibrationError, ConfigError, SvdCompressError
+from svdcompress.linalg import symmetrize_
 
 __all__ = [
     "assign_owners",
@@ -213,12 +214,17 @@ def reduce_stats(stats: dict) -> None:
     """Sum every rank's statistics in place (``stats``: name -> ``ModuleStats``), in name order."""
     if not is_distributed():
         return
+    reduced: set[int] = set()  # targets fed the same input share one Gram tensor: reduce it once
     for name in sorted(stats):
         entry = stats[name]
         for field in ("gram", "abs_sum", "cross", "original_gram"):
             tensor = getattr(entry, field)
-            if tensor is not None:  # the same fields are set on every rank: same code, same config
+            # The same fields are set on every rank: same code, same config.
+            if tensor is not None and id(tensor) not in reduced:
+                reduced.add(id(tensor))
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        # Beyond two ranks, (i, j) and (j, i) may be summed in different orders.
+        symmetrize_(entry.gram)
         count = torch.tensor([entry.n_tokens], dtype=torch.float64, device=entry.gram.device)
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
         entry.n_tokens = int(count.item())

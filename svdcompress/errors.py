@@ -19,6 +19,7 @@ __all__ = [
     "QuantizationError",
     "SvdCompressError",
     "TaskError",
+    "require_finite",
 ]
 
 
@@ -64,3 +65,13 @@ class QuantizationError(SvdCompressError, ValueError):
 
 class TaskError(SvdCompressError):
     """An evaluation task is unknown, its settings are invalid, or lm-eval is not installed."""
+
+
+def require_finite(tensors: dict, *, module: str, error: type[SvdCompressError], refusing: str,
+                   fix: str) -> None:
+    """Raise ``error`` when a tensor of ``tensors`` (what it is -> tensor) holds NaN or inf: the
+    message names the module, the tensor and how many values, what is refused and the fix."""
+    for what, tensor in tensors.items():
+        bad = int((~tensor.isfinite()).sum())
+        if bad:
+            raise error(f"{module}: {what} holds {bad} NaN/inf values; refusing to {refusing} ({fix}).")

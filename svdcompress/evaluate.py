@@ -33,6 +33,7 @@ __all__ = [
     "fact_recall",
     "generation_quality",
     "greedy_continuations",
+    "kl_divergence",
     "logits_fidelity",
     "perplexity",
     "repetition_rate",
@@ -158,12 +159,18 @@ class FidelityResult(_Result):
     n_tokens: int
 
 
+def kl_divergence(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) in nats for each row of (N, V) log-probability tables: the one
+    definition behind logits fidelity here, sensitivity probing (analysis) and distillation
+    (recover)."""
+    return F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(dim=-1)
+
+
 def _fidelity_sums(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Sums of (cosine, squared error per logit, KL, top-1 match) over the rows of (N, V) tables."""
     cosine = F.cosine_similarity(out, ref, dim=-1)  # (N,)
     mse = (out - ref).pow(2).mean(dim=-1)  # (N,)
-    log_ref, log_out = ref.log_softmax(-1), out.log_softmax(-1)
-    kl = (log_ref.exp() * (log_ref - log_out)).sum(dim=-1)  # (N,)
+    kl = kl_divergence(ref.log_softmax(-1), out.log_softmax(-1))  # (N,)
     top1 = (out.argmax(-1) == ref.argmax(-1)).double()  # (N,)
     return torch.stack([cosine.double().sum(), mse.double().sum(), kl.double().sum(), top1.sum()])
 

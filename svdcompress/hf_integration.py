@@ -5,17 +5,21 @@
 ``from_pretrained`` it swaps in the checkpoint's ``LowRankLinear`` modules (and splits fused
 projections) on the meta device, checks every factor's shape and dtype in the safetensors headers,
 then lets transformers load the tensors as for any model. After that the model is an ordinary
-transformers model: ``save_pretrained`` / ``push_to_hub`` write the same format, ``dequantize()``
-gives the dense model, and the Trainer fine-tunes float factors directly.
+transformers model: ``save_pretrained`` (and so Trainer checkpoints) writes the same format,
+``dequantize()`` gives the dense model, and the Trainer fine-tunes float factors directly.
+``push_to_hub`` uploads what :func:`svdcompress.save` writes, our model card and recipe included
+(:func:`svdcompress.checkpoint.push_to_hub`), instead of transformers' generic card.
 
 Without ``import svdcompress`` transformers does not know the method, skips it with a warning, and
 then refuses the guard tensors (:func:`svdcompress.checkpoint.guard_names`) with a size-mismatch
-error; only float dense-storage layers in ``nn.Linear`` layout are plain weights it loads correctly.
+error; only float dense-storage layers are plain weights, which it loads correctly (those that
+replaced a ``Conv1D`` are stored in its orientation: :func:`svdcompress.checkpoint.conv1d_weights`).
 """
 
 from __future__ import annotations
 
 import re
+import types
 from typing import Any
 
 import torch
@@ -26,11 +30,14 @@ from svdcompress.checkpoint import (
     QUANT_METHOD,
     SvdCompressQuantizationConfig,
     check_tensors,
+    conv1d_weights,
     densify_,
     guard_names,
-    guard_tensors,
     install_empty_modules_,
+    push_to_hub,
+    state_to_save,
     tensor_headers,
+    transpose_conv1d_weights,
 )
 
 __all__ = ["SvdCompressQuantizer", "attach_quantizer", "register"]
@@ -50,7 +57,12 @@ class SvdCompressQuantizer(HfQuantizer):
         layout = self.quantization_config
         install_empty_modules_(model, layout)
         if checkpoint_files:  # a factor that is missing or misshapen: our message, before any load
-            check_tensors(layout, tensor_headers(checkpoint_files))
+            check_tensors(layout, transpose_conv1d_weights(layout, tensor_headers(checkpoint_files)))
+        # Conv1D-layout dense weights arrive as the file holds them, (in, out): an empty parameter of
+        # that shape receives them, turned back to the module's (out, in) after loading.
+        for name in conv1d_weights(layout):
+            module = model.get_submodule(name.rpartition(".")[0])
+            module.weight = torch.nn.Parameter(torch.empty(module.weight.shape[::-1], device="meta"))
         # The guard tensors are there for stock transformers only (guard_names); here they are noise.
         ignored = {f"^{re.escape(name)}$" for name in guard_names(layout)}
         model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), *ignored}
@@ -65,8 +77,12 @@ class SvdCompressQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         for name in guard_names(self.quantization_config):
             delattr(model.get_submodule(name.rpartition(".")[0]), _STAND_IN)
-        # push_to_hub writes transformers' own card: let it at least say what made the model.
+        for name in conv1d_weights(self.quantization_config):
+            module = model.get_submodule(name.rpartition(".")[0])
+            module.weight = torch.nn.Parameter(module.weight.detach().T.contiguous(),
+                                               requires_grad=module.weight.requires_grad)
         model.add_model_tags(["svdcompress", "low-rank"])
+        _upload_our_folder(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -74,7 +90,7 @@ class SvdCompressQuantizer(HfQuantizer):
         layout = SvdCompressQuantizationConfig.from_model(model)
         if layout is not None:
             self.quantization_config = model.config.quantization_config = layout
-        return {**model.state_dict(), **guard_tensors(model)}, {}
+        return state_to_save(model), {}
 
     def _dequantize(self, model, dtype=None):
         return densify_(model)
@@ -102,6 +118,13 @@ def attach_quantizer(model) -> None:
     layout = SvdCompressQuantizationConfig.from_model(model)
     if layout is not None and hasattr(model, "save_pretrained"):
         model.hf_quantizer = SvdCompressQuantizer(layout, pre_quantized=True)
+        _upload_our_folder(model)
+
+
+def _upload_our_folder(model) -> None:
+    """``model.push_to_hub`` uploads our folder (card, recipe): transformers' own would replace
+    the card by its generic one after ``save_pretrained`` (see checkpoint.push_to_hub)."""
+    model.push_to_hub = types.MethodType(push_to_hub, model)
 
 
 def register() -> None:

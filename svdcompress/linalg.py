@@ -12,26 +12,35 @@ scale per slice: ``x ≈ q · scale`` with ``q`` in [-(2^(b-1) - 1), 2^(b-1) - 1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 __all__ = [
     "SUPPORTED_QUANT_BITS",
     "Factors",
+    "PivotedFactors",
     "Whitening",
     "balance_factors",
+    "blended_target",
     "break_even_rank",
     "dequantize",
     "factored_params",
     "fisher_weighted_svd",
     "least_squares_left",
+    "pivot_factors",
+    "quantize_groupwise",
     "quantize_symmetric",
+    "rank_for_param_ratio",
     "relative_output_error",
     "relative_weight_error",
     "scaled_svd",
     "select_by_importance",
     "sqnr_db",
+    "symmetrize_",
     "truncated_svd",
     "whitened_svd",
     "whitening",
@@ -54,14 +63,36 @@ class Factors:
         return self.left @ self.right
 
 
-def factored_params(out_features: int, in_features: int, rank: int) -> int:
-    """Numbers held by a rank-r factorization of an (out, in) matrix, bias excluded."""
+def factored_params(out_features: int, in_features: int, rank: int, storage: str = "factored") -> int:
+    """Numbers held by a rank-r factorization of an (out, in) matrix, bias excluded.
+
+    ``factored``: two factors, r·(out + in). ``pivoted`` (:func:`pivot_factors`): r·(out + in − r),
+    since r of the input columns are the identity and need not be stored.
+    """
+    if storage == "pivoted":
+        return rank * (out_features + in_features - rank)
     return rank * (out_features + in_features)
 
 
-def break_even_rank(out_features: int, in_features: int) -> int:
-    """Largest rank whose factorization holds fewer numbers than the dense matrix."""
+def break_even_rank(out_features: int, in_features: int, storage: str = "factored") -> int:
+    """Largest rank whose factorization holds fewer numbers than the dense matrix.
+
+    Pivoted storage saves (out − r)(in − r) numbers, so every rank below full rank saves some.
+    """
+    if storage == "pivoted":
+        return min(out_features, in_features) - 1
     return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def rank_for_param_ratio(out_features: int, in_features: int, ratio: float,
+                         storage: str = "factored") -> int:
+    """Largest rank (at least 1) whose stored numbers are at most ``ratio`` of the dense matrix."""
+    m, n = out_features, in_features
+    if storage == "pivoted":  # r(m + n − r) ≤ ratio·m·n: the smaller root of the quadratic
+        rank = math.floor(((m + n) - math.sqrt((m + n) ** 2 - 4 * ratio * m * n)) / 2 + 1e-9)
+    else:
+        rank = math.floor(ratio * m * n / (m + n))
+    return max(1, rank)
 
 
 def _split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple:
@@ -83,6 +114,68 @@ def balance_factors(left: torch.Tensor, right: torch.Tensor) -> Factors:
     u, s, vh = torch.linalg.svd(r_left @ r_right.T)  # core (r, r)
     root = s.sqrt()
     return Factors((q_left @ u) * root, root[:, None] * (vh @ q_right.T))
+
+
+@dataclass
+class PivotedFactors:
+    """``left @ right`` stored as PIFA pivoted factors: the same product in r·(out + in − r) numbers.
+
+    With ``head = permutation[:r]`` (the pivot input columns) and ``tail = permutation[r:]``,
+    ``W[:, head] = left`` and ``W[:, tail] = left @ coupling``: ``W x = left (x_head + coupling x_tail)``.
+    """
+
+    left: torch.Tensor  # (out, r): the factorization's product at the pivot columns
+    coupling: torch.Tensor  # (r, in − r): the other columns as combinations of the pivot ones
+    permutation: torch.Tensor  # (in,) int64: the r pivot input columns first, then the rest
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def product(self) -> torch.Tensor:
+        columns = torch.cat([self.left, self.left @ self.coupling], dim=1)  # (out, in) permuted
+        return columns[:, torch.argsort(self.permutation)]
+
+
+def pivot_factors(left: torch.Tensor, right: torch.Tensor) -> PivotedFactors:
+    """PIFA (Zhao et al. 2025): the same product as ``left @ right`` with r input columns pivoted.
+
+    Column-pivoted QR of ``right`` (r, in) picks r columns R₁ that span its row space as well as
+    any greedy choice can, so R₁ is well conditioned; the other columns R₂ = R₁ C with C = R₁⁻¹R₂,
+    and ``left @ right`` = [L R₁ | L R₁ C] up to the column order. Computed in float64 (returned
+    so). A rank-deficient ``right`` (a zero singular value) gets the least-squares C, which still
+    reproduces the product because R₂'s columns lie in R₁'s span.
+    """
+    rank = right.shape[0]
+    left64, right64 = left.double().cpu(), right.double().cpu()
+    triangle, pivots = scipy.linalg.qr(right64.numpy(), mode="r", pivoting=True)  # R P = Q T
+    # R₁⁻¹R₂ = T₁⁻¹T₂, since R₁ = Q T₁ and R₂ = Q T₂: one triangular solve, no Q needed.
+    diagonal = np.abs(np.diag(triangle[:, :rank]))
+    if diagonal.min() > 1e-12 * max(diagonal.max(), 1e-300):
+        coupling = scipy.linalg.solve_triangular(triangle[:, :rank], triangle[:, rank:])
+    else:
+        coupling = scipy.linalg.lstsq(triangle[:, :rank], triangle[:, rank:], lapack_driver="gelsd")[0]
+    permutation = torch.from_numpy(pivots.astype(np.int64))
+    return PivotedFactors(
+        (left64 @ right64[:, permutation[:rank]]).to(left.device),
+        torch.from_numpy(np.ascontiguousarray(coupling)).to(left.device),
+        permutation.to(left.device),
+    )
+
+
+def blended_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, blend: float,
+                   damping: float = 1e-6) -> torch.Tensor:
+    """``W((1−β)I + β·C·G⁻¹)``: the unconstrained least-squares map from drifted inputs x' to
+    the blended target W((1−β)x' + βx), with G = Σ x'x'ᵀ and C = Σ x x'ᵀ.
+
+    Whitened truncation of it is then the best rank-r fit of that target (the residual of the
+    unconstrained fit is orthogonal to every map of x'). G is damped as in :func:`least_squares_left`.
+    """
+    weight, gram, cross = weight.double(), gram.double(), cross.double()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    damped = gram + damping * gram.diagonal().mean().clamp_min(1e-30) * eye
+    towards_original = torch.linalg.solve(damped, (weight @ cross).T).T  # W C G⁻¹ (G symmetric)
+    return (1 - blend) * weight + blend * towards_original
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> Factors:
@@ -114,31 +207,118 @@ class Whitening:
     n_clamped: int  # eigenvalues raised to the floor: the Gram matrix was singular in those directions
 
 
+@dataclass
+class _GramEigen:
+    """G ≈ Q Λ Qᵀ with Λ clamped: ``S = Q·diag(root)`` and ``S⁻¹ = diag(1/root)·Qᵀ``, never built."""
+
+    eigvecs: torch.Tensor  # Q (in, in)
+    root: torch.Tensor  # Λ^½ after clamping (in,)
+    n_clamped: int
+
+
+def symmetrize_(gram: torch.Tensor, rows: int = 512) -> None:
+    """Make G exactly symmetric in place: its strict lower triangle copied onto its upper one, a band
+    of rows at a time (no n×n temporary). Idempotent."""
+    for start in range(0, gram.shape[0], rows):
+        stop = start + rows
+        square = gram[start:stop, start:stop]
+        square.copy_(square.tril() + square.tril(-1).T)
+        gram[start:stop, stop:] = gram[stop:, start:stop].T
+
+
+def _gram_eigen(gram: torch.Tensor, rel_floor: float) -> _GramEigen:
+    """Eigendecomposition of a Gram matrix, clamped so that it never fails.
+
+    ``gram`` is made exactly symmetric in place (its upper triangle the mirror of its lower one: the
+    two triangles of a blocked XᵀX can differ in the last bit, and LAPACK reads one). On the CPU a
+    contiguous float64 Gram is then decomposed in its own memory: LAPACK's ``syevr`` (scipy,
+    ``driver="evr"``, O(n) workspace) overwrites one triangle and the diagonal, which are restored
+    from the other afterwards, so besides the Gram only the eigenvectors are held. ``torch.linalg.eigh``
+    (``syevd``) would hold a copy and a 2n² workspace more: 0.75 GB on TinyLlama's 5632-wide
+    down_proj Gram (BENCHMARKS.md, issue 12).
+    """
+    if gram.device.type != "cpu":
+        symmetrize_(gram)
+        eigvals, eigvecs = torch.linalg.eigh(gram.double())
+    else:
+        own = gram.dtype == torch.float64 and gram.is_contiguous()
+        work = gram if own else gram.double().contiguous()
+        symmetrize_(work)
+        diagonal = work.diagonal().clone()
+        try:  # a symmetric C-ordered matrix is the Fortran-ordered array LAPACK works on in place
+            eigvals, eigvecs = scipy.linalg.eigh(work.numpy().T, lower=True, driver="evr",
+                                                 overwrite_a=True, check_finite=False)
+        finally:
+            symmetrize_(work)  # the strict lower triangle was not touched
+            work.diagonal().copy_(diagonal)
+        eigvals, eigvecs = torch.from_numpy(eigvals), torch.from_numpy(eigvecs)
+    floor = max(eigvals.max().item(), 1e-30) * rel_floor
+    n_clamped = int((eigvals < floor).sum())
+    return _GramEigen(eigvecs, eigvals.clamp_min(floor).sqrt(), n_clamped)
+
+
 def whitening(gram: torch.Tensor, rel_floor: float = 1e-6) -> Whitening:
     """Symmetric square root of a Gram matrix that never fails on singular or indefinite input.
 
     Cholesky (as in SVD-LLM) fails when a channel is never active or rounding makes G indefinite;
     an eigendecomposition with eigenvalues clamped to ``rel_floor · λ_max`` always succeeds and the
     clamped directions are ones the calibration data never excites, so their error does not matter.
+    ``gram`` is symmetrised in place (see :func:`_gram_eigen`).
     """
-    gram = gram.double()
-    gram = (gram + gram.T) / 2
-    eigvals, eigvecs = torch.linalg.eigh(gram)
-    floor = max(eigvals.max().item(), 1e-30) * rel_floor
-    n_clamped = int((eigvals < floor).sum())
-    root = eigvals.clamp_min(floor).sqrt()
-    s = eigvecs * root  # Q Λ^½, so S Sᵀ = Q Λ Qᵀ
-    s_inv = (eigvecs / root).T  # Λ^-½ Qᵀ
-    return Whitening(s, s_inv, n_clamped)
+    eigen = _gram_eigen(gram, rel_floor)
+    s_inv = (eigen.eigvecs / eigen.root).T  # Λ^-½ Qᵀ
+    s = eigen.eigvecs.mul_(eigen.root)  # Q Λ^½ in Q's memory, so S Sᵀ = Q Λ Qᵀ
+    return Whitening(s, s_inv, eigen.n_clamped)
+
+
+def _rows_times(weight: torch.Tensor, matrix: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    # W·M in float64 a band of W's rows at a time: no float64 copy of the whole weight.
+    out = torch.empty(weight.shape[0], matrix.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        torch.matmul(weight[start:start + rows].double(), matrix, out=out[start:start + rows])
+    return out
+
+
+def _top_eigen(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of (W·S)(W·S)ᵀ or (W·S)ᵀ(W·S): vectors, σ^½ and σ^-½ with σ
+    the singular values of W·S, descending. Squaring σ costs nothing that is kept: directions below
+    1e-7·σ₁, where σ² would reach rounding, get σ^-½ = 0 and so zero factors."""
+    sigma2, vectors = torch.linalg.eigh(matrix)  # ascending
+    vectors, sigma = vectors[:, -rank:].flip(1), sigma2[-rank:].flip(0).clamp_min(0).sqrt()
+    kept = sigma > 1e-7 * sigma[0].clamp_min(1e-300)
+    root = torch.where(kept, sigma.sqrt(), torch.zeros_like(sigma))
+    inv_root = torch.where(kept, 1 / sigma.sqrt().clamp_min(1e-300), torch.zeros_like(sigma))
+    return vectors, root, inv_root
 
 
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Factors:
-    """Truncation-aware data whitening (SVD-LLM): minimises ‖(W − W')X‖ over rank-r W'."""
-    white = whitening(gram)
-    u, s, vh = torch.linalg.svd(weight.double() @ white.s, full_matrices=False)
-    left, right = _split_sqrt(u, s, vh, rank)
-    notes = (f"gram: {white.n_clamped} eigenvalues clamped to 1e-6·λmax",) if white.n_clamped else ()
-    return Factors(left, right @ white.s_inv, notes)
+    """Truncation-aware data whitening (SVD-LLM): minimises ‖(W − W')X‖ over rank-r W'.
+
+    With S = QΛ^½ from the Gram matrix and W·S = U Σ Vᵀ, the factors are U_r Σ_r^½ and
+    Σ_r^½ V_rᵀ S⁻¹. U (or V) and Σ come from the eigendecomposition of the smaller of (W·S)(W·S)ᵀ
+    (out × out) and (W·S)ᵀ(W·S) = S ᵀ(WᵀW)S (in × in) rather than from an SVD of W·S, the other
+    factor from W itself (Σ_r^-½ U_rᵀ W, or W·S V_r Σ_r^-½): no (out × in) float64 matrix beyond a
+    wide W·Q, no SVD workspace, and with fewer rows than columns (down_proj) Q goes as soon as W·Q
+    is formed. ``gram`` is symmetrised in place (see :func:`_gram_eigen`).
+    """
+    eigen = _gram_eigen(gram, 1e-6)
+    notes = (f"gram: {eigen.n_clamped} eigenvalues clamped to 1e-6·λmax",) if eigen.n_clamped else ()
+    if weight.shape[0] < weight.shape[1]:
+        whitened = _rows_times(weight, eigen.eigvecs).mul_(eigen.root)  # W S (out, in)
+        del eigen
+        u, root, inv_root = _top_eigen(whitened @ whitened.T, rank)
+        del whitened
+        return Factors(u * root, (u * inv_root).T @ weight.double(), notes)
+    s = eigen.eigvecs * eigen.root  # S (in, in)
+    wtw = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], 512):  # WᵀW, a band of rows at a time
+        rows = weight[start:start + 512].double()
+        wtw += rows.T @ rows
+    v, root, inv_root = _top_eigen(s.T @ wtw @ s, rank)
+    del wtw
+    left = _rows_times(weight, s @ (v * inv_root))  # W S V_r Σ_r^-½ = U_r Σ_r^½ (out, r)
+    right = ((v * root).T / eigen.root) @ eigen.eigvecs.T  # Σ_r^½ V_rᵀ Λ^-½ Qᵀ (r, in)
+    return Factors(left, right, notes)
 
 
 def scaled_svd(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> Factors:
@@ -182,19 +362,31 @@ def least_squares_left(
     return torch.linalg.solve(inner, rhs.T).T
 
 
+# The two errors below go a band of rows at a time: whole float64 copies of a large weight, its
+# approximation and their difference were the peak of a streaming block (issue 12).
+_ERROR_ROWS = 512
+
+
 def relative_weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """‖W − W'‖_F / ‖W‖_F."""
-    weight = weight.double()
-    return ((weight - approx.double()).norm() / weight.norm().clamp_min(1e-30)).item()
+    num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], _ERROR_ROWS):
+        rows = weight[start:start + _ERROR_ROWS].double()
+        num = num + (rows - approx[start:start + _ERROR_ROWS].double()).pow(2).sum()
+        den = den + rows.pow(2).sum()
+    return (num.sqrt() / den.sqrt().clamp_min(1e-30)).item()
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
     """‖(W − W')X‖_F / ‖W X‖_F computed from the Gram matrix G = XᵀX alone."""
-    weight, gram = weight.double(), gram.double()
-    diff = weight - approx.double()
-    num = torch.einsum("oi,ij,oj->", diff, gram, diff).clamp_min(0)
-    den = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp_min(1e-30)
-    return (num / den).sqrt().item()
+    gram = gram.double()
+    num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], _ERROR_ROWS):
+        rows = weight[start:start + _ERROR_ROWS].double()
+        diff = rows - approx[start:start + _ERROR_ROWS].double()
+        num = num + torch.einsum("oi,ij,oj->", diff, gram, diff)
+        den = den + torch.einsum("oi,ij,oj->", rows, gram, rows)
+    return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().item()
 
 
 # Bit widths the storage format and the kernels handle. 4 needs packing two values per byte and
@@ -234,3 +426,53 @@ def sqnr_db(x: torch.Tensor, approx: torch.Tensor) -> float:
     x = x.double()
     noise = (x - approx.double()).pow(2).sum().clamp_min(1e-300)
     return (10 * torch.log10(x.pow(2).sum().clamp_min(1e-300) / noise)).item()
+
+
+def quantize_groupwise(weight: torch.Tensor, bits: int = 4, group_size: int = 128, *,
+                       symmetric: bool = False) -> tuple[torch.Tensor, int]:
+    """Round-to-nearest with one fp16 scale (and zero point) per ``group_size`` inputs of each row.
+
+    Returns the dequantized weight (``weight``'s dtype) and the bytes it would take to store:
+    ``bits`` per code, plus per group an fp16 scale and, when asymmetric, an fp16 zero point — the
+    common RTN baseline convention (GPTQ's ``Quantizer``, AWQ): asymmetric min-max over the group
+    with the range widened to include 0, integer zero point, codes in [0, 2^bits − 1]. Symmetric:
+    codes in [−(2^(bits−1) − 1), 2^(bits−1) − 1], scale = max|x| / that bound. A row length that
+    ``group_size`` does not divide ends with a shorter group (counted as a whole group of scales).
+    The scale is rounded to fp16 before use, so the result is what the stored bytes reproduce.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"quantize_groupwise takes an (out, in) matrix, got shape {tuple(weight.shape)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits!r}: use a whole number of bits from 2 to 8 (e.g. 4).")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive whole number (e.g. 128).")
+    if not torch.isfinite(weight).all():
+        raise ValueError("cannot quantize a tensor holding NaN or inf")
+    work = weight.detach().double()
+    out = torch.empty_like(work)
+    for start in range(0, work.shape[1], group_size):
+        group = work[:, start:start + group_size]  # (out, g)
+        out[:, start:start + group_size] = _rtn_group(group, bits, symmetric)
+    groups = work.shape[0] * math.ceil(work.shape[1] / group_size)
+    nbytes = math.ceil(work.numel() * bits / 8) + groups * (2 if symmetric else 4)
+    return out.to(weight.dtype), nbytes
+
+
+def _rtn_group(group: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize each row of ``group`` (float64) with its own fp16 scale."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = _fp16(group.abs().amax(1, keepdim=True) / qmax)
+        return torch.round(group / scale).clamp_(-qmax, qmax) * scale
+    levels = 2**bits - 1
+    low = group.amin(1, keepdim=True).clamp(max=0.0)
+    high = group.amax(1, keepdim=True).clamp(min=0.0)
+    scale = _fp16((high - low) / levels)
+    zero = torch.round(-low / scale)
+    return (torch.round(group / scale + zero).clamp_(0, levels) - zero) * scale
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    # An all-zero group gets scale 1 (codes 0); fp16 rounding keeps only what would be stored.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(2.0**-24, 65504.0)
+    return scale.half().double()

@@ -199,10 +199,6 @@ def _without_svdcompress(compression: dict) -> str:
     if guard_names(layout):
         return ("\nWithout `import svdcompress`, transformers refuses this folder (a size-mismatch "
                 "error on the compressed layers) rather than loading it with random weights.\n")
-    if any(spec["layout"] == "conv1d" for spec in layout.modules.values()):
-        return ("\n**Load it with `import svdcompress` first**: these dense rank-r layers replaced "
-                "GPT-2-style `Conv1D` layers and are stored (out, in); transformers alone would "
-                "refuse non-square ones and load square ones transposed.\n")
     return ("\nWithout `import svdcompress`, transformers loads it as a plain model: every replaced "
             "layer holds its dense rank-r weight under the original name.\n")
 

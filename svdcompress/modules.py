@@ -4,6 +4,10 @@ Storage modes:
 - ``factored``: ``left`` (out, r) and ``right`` (r, in); ``y = (x @ rightᵀ) @ leftᵀ + bias``.
   Never materialises the dense weight in ``forward``.
 - ``dense``: ``weight`` (out, in) holding the rank-r product (SVD as denoising; saves nothing).
+- ``pivoted`` (PIFA, :func:`svdcompress.linalg.pivot_factors`): the same rank-r product as
+  ``factored`` in r·(out + in − r) numbers: ``left`` (out, r), ``coupling`` (r, in − r) and an int64
+  buffer ``permutation`` (in,) of input columns, the r pivot columns first;
+  ``y = (x_pivot + x_rest @ couplingᵀ) @ leftᵀ + bias``. Every rank below full rank saves numbers.
 
 Integer factors (``quant_bits=8``): each stored matrix ``M`` becomes int8 codes ``M_q`` and a float32
 scale per row, ``M ≈ M_q · M_scale[:, None]`` (buffers ``left_q``/``left_scale`` (out,),
@@ -30,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from svdcompress.linalg import SUPPORTED_QUANT_BITS, Factors, dequantize, quantize_symmetric
+from svdcompress.linalg import (
+    SUPPORTED_QUANT_BITS,
+    Factors,
+    dequantize,
+    factored_params,
+    pivot_factors,
+    quantize_symmetric,
+)
 from svdcompress.runtime import (
     PackCache,
     dequant_once,
@@ -52,12 +63,14 @@ __all__ = [
 ]
 
 Layout = Literal["linear", "conv1d"]
-Storage = Literal["factored", "dense"]
+Storage = Literal["factored", "dense", "pivoted"]
 
 
 def _stored_matrices(storage: str, in_features: int, out_features: int, rank: int) -> dict:
     if storage == "factored":
         return {"left": (out_features, rank), "right": (rank, in_features)}
+    if storage == "pivoted":
+        return {"left": (out_features, rank), "coupling": (rank, in_features - rank)}
     if storage == "dense":
         return {"weight": (out_features, in_features)}
     raise ValueError(f"unknown storage {storage!r}")
@@ -76,6 +89,8 @@ def tensor_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype | 
         else:
             layout[f"{name}_q"] = (shape, torch.int8)
             layout[f"{name}_scale"] = ((shape[0],), torch.float32)
+    if spec["storage"] == "pivoted":
+        layout["permutation"] = ((spec["in_features"],), torch.int64)
     if spec["bias"]:
         layout["bias"] = ((spec["out_features"],), None)
     return layout
@@ -119,6 +134,8 @@ class LowRankLinear(nn.Module):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
             else:
                 self._register_int8(name, shape, device)
+        if storage == "pivoted":
+            self.register_buffer("permutation", torch.empty(in_features, dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
 
     def _register_int8(self, name: str, shape: tuple[int, int], device) -> None:
@@ -126,8 +143,9 @@ class LowRankLinear(nn.Module):
         self.register_buffer(f"{name}_scale", torch.empty(shape[0], dtype=torch.float32, device=device))
 
     @property
-    def _matrix_names(self) -> tuple[str, ...]:
-        return ("left", "right") if self.storage == "factored" else ("weight",)
+    def matrix_names(self) -> tuple[str, ...]:
+        """The stored float (or int8) matrices: ``left``/``right``, ``left``/``coupling`` or ``weight``."""
+        return tuple(_stored_matrices(self.storage, 1, 1, 1))
 
     def matrix(self, name: str) -> torch.Tensor:
         """A stored matrix (``left``, ``right`` or ``weight``) as floats (dequantized if int8)."""
@@ -176,8 +194,14 @@ class LowRankLinear(nn.Module):
     def set_factors(self, factors: Factors) -> None:
         if factors.rank != self.rank:
             raise ValueError(f"factors have rank {factors.rank}, module has rank {self.rank}")
-        values = {"left": factors.left, "right": factors.right} if self.storage == "factored" else {
-            "weight": factors.product()}
+        if self.storage == "pivoted":
+            pivoted = pivot_factors(factors.left, factors.right)
+            values = {"left": pivoted.left, "coupling": pivoted.coupling}
+            self.permutation.copy_(pivoted.permutation)
+        elif self.storage == "factored":
+            values = {"left": factors.left, "right": factors.right}
+        else:
+            values = {"weight": factors.product()}
         for name, value in values.items():
             if self.quant_bits is None:
                 getattr(self, name).data.copy_(value)
@@ -196,7 +220,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"already quantized to {self.quant_bits} bits")
         if bits not in SUPPORTED_QUANT_BITS:
             raise ValueError(f"quant_bits={bits}; supported: {SUPPORTED_QUANT_BITS}")
-        codes = {name: quantize_symmetric(getattr(self, name), bits, dim=1) for name in self._matrix_names}
+        codes = {name: quantize_symmetric(getattr(self, name), bits, dim=1) for name in self.matrix_names}
         for name, (q, scale) in codes.items():  # codes stay on the device of the float matrix
             delattr(self, name)
             self.register_buffer(f"{name}_q", q)
@@ -208,9 +232,15 @@ class LowRankLinear(nn.Module):
         """The (out, in) matrix this module applies (from dequantized factors if int8)."""
         if self.storage == "factored":
             return self.matrix("left") @ self.matrix("right")
+        if self.storage == "pivoted":
+            left = self.matrix("left")
+            permuted = torch.cat([left, left @ self.matrix("coupling")], dim=1)  # (out, in), columns permuted
+            return torch.zeros_like(permuted).index_copy(1, self.permutation, permuted)
         return self.matrix("weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.storage == "pivoted":
+            return self._forward_pivoted(x)
         if self.quant_bits is not None:
             return self._forward_int8(x)
         if self.storage == "dense":
@@ -240,6 +270,29 @@ class LowRankLinear(nn.Module):
                                 cache=self._packs, key=name)
         return y if self.bias is None else y + self.bias
 
+    def _forward_pivoted(self, x: torch.Tensor) -> torch.Tensor:
+        # The pivot columns of x pass straight through; the others are folded into them by coupling.
+        permutation = self._buffers["permutation"]
+        pivot = x.index_select(-1, permutation[: self.rank])  # (..., r)
+        rest = x.index_select(-1, permutation[self.rank :])  # (..., in − r)
+        mixed = pivot + self._apply_matrix("coupling", rest)  # (..., r)
+        if self.quant_bits is None:
+            return F.linear(mixed, self.left, self.bias)  # (..., out)
+        y = self._apply_matrix("left", mixed)
+        return y if self.bias is None else y + self.bias
+
+    def _apply_matrix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Mᵀ`` for one stored matrix: float, or int8 through the module's kernel."""
+        if self.quant_bits is None:
+            return F.linear(x, self._parameters[name])
+        q, scale = self._buffers[f"{name}_q"], self._buffers[f"{name}_scale"]
+        if self.kernel == "float_cache":
+            return F.linear(x, self._packs.get(float_key(name, x.dtype), q, scale, dequant_once(x.dtype)))
+        if self.kernel == "fbgemm" and fbgemm_usable(x):
+            flat = fbgemm_linear(x.reshape(-1, x.shape[-1]), self._packs.get(name, q, scale))
+            return flat.reshape(*x.shape[:-1], q.shape[0])
+        return int8_linear(x, q, scale, self.kernel, cache=self._packs, key=name)
+
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """An ordinary ``nn.Linear`` (or ``Conv1D``, if that is what was replaced)."""
@@ -259,16 +312,20 @@ class LowRankLinear(nn.Module):
         return dense
 
     def num_stored(self) -> int:
-        """Numbers this module stores for its weight (bias and int8 scales excluded)."""
-        if self.storage == "factored":
-            return self.rank * (self.in_features + self.out_features)
-        return self.in_features * self.out_features
+        """Numbers this module stores for its weight (bias, int8 scales and the pivoted storage's
+        integer column permutation excluded; ``weight_bytes`` counts them)."""
+        if self.storage == "dense":
+            return self.in_features * self.out_features
+        return factored_params(self.out_features, self.in_features, self.rank, self.storage)
 
     def weight_bytes(self) -> int:
-        """Bytes of the stored weight as held in memory and on disk: codes + scales, bias excluded."""
-        names = [f"{n}_q" for n in self._matrix_names] + [f"{n}_scale" for n in self._matrix_names]
+        """Bytes of the stored weight as held in memory and on disk: codes + scales (+ the pivoted
+        storage's int64 permutation), bias excluded."""
+        names = [f"{n}_q" for n in self.matrix_names] + [f"{n}_scale" for n in self.matrix_names]
         if self.quant_bits is None:
-            names = list(self._matrix_names)
+            names = list(self.matrix_names)
+        if self.storage == "pivoted":
+            names.append("permutation")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def spec(self) -> dict:

@@ -3,7 +3,9 @@
 Only the low-rank factors of :class:`~svdcompress.modules.LowRankLinear` modules are trained
 (optionally also the normalisation weights); embeddings, the head and every uncompressed layer stay
 frozen, so the result has exactly the ranks and shapes it had before and saves in the same format.
-The loss is KL(teacher ‖ student) of the temperature-1 softmax, averaged over tokens. Before the
+The loss is KL(teacher ‖ student) of the temperature-1 softmax, averaged over tokens, plus, with
+``hidden_weight`` > 0, that weight times each block output's relative squared error against the
+teacher's (hidden-state distillation: a signal at every depth, not only through the head). Before the
 first step each factor pair is rewritten as U√Σ, √ΣVᵀ (the same product): whitened factors put S⁻¹
 into ``right``, and with factors on very different scales one Adam step size is too large for one
 and too small for the other (the KL jumped 1.3 -> 3.5 after one step at lr 1e-4 without this).
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from svdcompress import distributed
 from svdcompress.checkpoint import atomic_folder, save
 from svdcompress.errors import CheckpointError, ConfigError
+from svdcompress.evaluate import kl_divergence
 from svdcompress.linalg import balance_factors
 from svdcompress.modules import LowRankLinear
 from svdcompress.provenance import model_digest, tensor_digest
@@ -44,6 +47,7 @@ __all__ = [
     "balance_",
     "distillation_loss",
     "fingerprint",
+    "hidden_state_loss",
     "learning_rate",
     "recover_",
     "trainable_parameters",
@@ -65,6 +69,9 @@ class RecoverySettings:
     batch_size: int = 4  # windows per step
     train_norms: bool = False
     warmup_fraction: float = 0.05  # linear warm-up, then cosine decay to 10% of lr
+    # Weight of the hidden-state term (each block's output matched to the teacher's, relative
+    # squared error) added to the logit KL; 0: logits only.
+    hidden_weight: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
@@ -79,6 +86,10 @@ class RecoverySettings:
             )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1.")
+        if not (isinstance(self.hidden_weight, int | float) and math.isfinite(self.hidden_weight)
+                and self.hidden_weight >= 0):
+            raise ConfigError(f"hidden_weight={self.hidden_weight!r} must be a finite number >= 0 "
+                              "(0: distil the logits only; 1 weighs both terms alike).")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"warmup_fraction={self.warmup_fraction} must lie in [0, 1).")
         if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
@@ -89,6 +100,8 @@ class RecoverySettings:
     def fingerprinted(self) -> dict:
         data = asdict(self)
         data.pop("checkpoint_every")  # how often we save does not change the result
+        if not data["hidden_weight"]:  # states written before the field existed still resume
+            data.pop("hidden_weight")
         return data
 
 
@@ -96,8 +109,8 @@ class RecoverySettings:
 class RecoveryResult:
     steps_run: int  # steps completed, including those of an earlier run that was resumed
     resumed_from: int  # 0 unless resumed
-    first_loss: float | None  # KL of the first step of this run (nats per token)
-    final_loss: float | None  # mean KL over the last 10 steps of this run
+    first_loss: float | None  # loss of the first step of this run (KL in nats per token + hidden term)
+    final_loss: float | None  # mean loss over the last 10 steps of this run
     stopped: str  # "completed", "nan-loss", "nonfinite-gradient"
     wall_seconds: float
     trainable_params: int
@@ -118,11 +131,12 @@ def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[st
                     f"{name} holds int{module.quant_bits} factors, which cannot be trained; run "
                     "recovery on the float checkpoint and quantize afterwards."
                 )
-            if module.storage != "factored":
+            if module.storage == "dense":
                 # A dense rank-r matrix trained freely would stop being rank r: leave it alone.
                 logger.info("%s is stored dense; recovery leaves it frozen", name)
                 continue
-            chosen[f"{name}.left"], chosen[f"{name}.right"] = module.left, module.right
+            # Any values of the factors (left/right, or pivoted left/coupling) keep the rank r.
+            chosen.update({f"{name}.{m}": getattr(module, m) for m in module.matrix_names})
         elif train_norms and "norm" in type(module).__name__.lower():
             # Matched by type (LayerNorm, LlamaRMSNorm, ...), not by architecture-specific names.
             for pname, param in module.named_parameters(recurse=False):
@@ -137,7 +151,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     vocab = student_logits.shape[-1]
     student = F.log_softmax(student_logits.reshape(-1, vocab).float(), dim=-1)  # (tokens, vocab)
     teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return kl_divergence(teacher, student).mean()
+
+
+def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over blocks of ‖h_s − h_t‖² / ‖h_t‖² per block output (the embeddings, shared by both
+    models, are skipped). Relative, so blocks with large activations do not dominate the sum: the
+    hidden states of the last blocks are several times larger than those of the first."""
+    terms = [
+        (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+        for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
+    ]
+    return torch.stack(terms).mean()
 
 
 def learning_rate(settings: RecoverySettings, step: int) -> float:
@@ -274,10 +299,15 @@ def _freeze_except(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
         param.requires_grad_(id(param) in chosen)
 
 
-def _forward_loss(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+def _forward_loss(student, teacher, batch: torch.Tensor, hidden_weight: float = 0.0) -> torch.Tensor:
+    hidden = hidden_weight > 0
     with torch.no_grad():
-        target = teacher(input_ids=batch, use_cache=False).logits  # (B, T, vocab)
-    return distillation_loss(student(input_ids=batch, use_cache=False).logits, target)
+        target = teacher(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+    output = student(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+    loss = distillation_loss(output.logits, target.logits)  # logits: (B, T, vocab)
+    if hidden:
+        loss = loss + hidden_weight * hidden_state_loss(output.hidden_states, target.hidden_states)
+    return loss
 
 
 class _Run:
@@ -318,7 +348,7 @@ class _Run:
 
     def loss(self, step: int) -> torch.Tensor:
         batch = self.windows[_batch_indices(len(self.windows), self.settings, step)].to(self.device)
-        return _forward_loss(self.student, self.teacher, batch)
+        return _forward_loss(self.student, self.teacher, batch, self.settings.hidden_weight)
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss.detach()
@@ -396,7 +426,7 @@ class _DistributedRun(_Run):
                 self.windows, batch_sampler=_StepBatches(len(self.windows), self.settings, step),
                 collate_fn=torch.stack)
             self.batches = iter(self.accelerator.prepare(loader))
-        return _forward_loss(self.model, self.teacher, next(self.batches))
+        return _forward_loss(self.model, self.teacher, next(self.batches), self.settings.hidden_weight)
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         # Every rank holds the same number of tokens, so the mean of means is the batch's mean.

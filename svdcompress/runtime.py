@@ -223,9 +223,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
 
 
 def set_runtime(model: nn.Module, kernel: str) -> int:
-    """Make every int8 module of ``model`` use ``kernel``; returns how many modules it set."""
-    from svdcompress.modules import LowRankLinear
+    """Make every int8 module of ``model`` use ``kernel``; returns how many modules it set.
 
+    An int8 module is one with int8 ``quant_bits`` and a ``kernel`` to choose (``LowRankLinear``):
+    asked by attribute, since the modules build on these kernels and not the reverse."""
     if kernel not in KERNELS:
         raise ConfigError(f"unknown kernel {kernel!r}; known: {list(KERNELS)}")
     if kernel == "fbgemm" and not fbgemm_available():
@@ -235,7 +236,7 @@ def set_runtime(model: nn.Module, kernel: str) -> int:
         )
     count = 0
     for module in model.modules():
-        if isinstance(module, LowRankLinear) and module.quant_bits is not None:
+        if hasattr(module, "kernel") and getattr(module, "quant_bits", None) is not None:
             module.kernel = kernel
             count += 1
     logger.info("kernel %s set on %d int8 modules", kernel, count)

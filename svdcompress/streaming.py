@@ -19,6 +19,9 @@ the in-memory path writes for the same model and settings.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -149,9 +152,9 @@ class MemoryEstimate:
 def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_aware: bool) -> int:
     """One block's Gram matrices (float64) and the float64 workspace of its largest factorization.
 
-    The whitening eigendecomposition of an n×n Gram holds about five n×n float64 matrices at once
-    (the Gram, its symmetrised copy, the eigenvectors, LAPACK's 2n² workspace); an SVD of an m×n
-    weight about three m×n ones.
+    The whitening eigendecomposition of an n×n Gram holds three n×n float64 matrices at once (the
+    Gram, its symmetrised copy that LAPACK's ``syevr`` destroys, the eigenvectors; see
+    ``linalg._gram_eigen``); an SVD of an m×n weight about three m×n ones.
     """
     per_block: dict[int, list[Target]] = {}
     for target in targets:
@@ -165,7 +168,7 @@ def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_awa
         copies = 3 if config.update else 1  # + Σ x x'ᵀ and Σ x xᵀ of the original stream
         grams = sum(copies * t.in_features**2 * 8 for t in block_targets)
         largest = max(t.in_features**2 * 8 for t in block_targets)
-        worst = max(worst, grams + 4 * largest + svd)
+        worst = max(worst, grams + 2 * largest + svd)
     return worst
 
 
@@ -681,15 +684,34 @@ def _run_blocks(run: _Run, targets: list[Target], calibration: Calibration | Non
     for index in range(done, len(blocks)):
         if stop_after is not None and index - done >= stop_after:
             return False
-        block_start = time.perf_counter()
+        block_start, block_cpu = time.perf_counter(), time.process_time()
         outputs = _process_block(run, index, by_block.get(index, []), calls if index <= last_block else [],
                                  compressed, original, feeds_next=bool(calls) and index < last_block)
         if outputs is not None:
             compressed, original = outputs
-        logger.info("block %d/%d done in %.1f s (peak RSS %.0f MB)", index + 1, len(blocks),
-                    time.perf_counter() - block_start, _peak_rss_mb())
+        _trim_heap()
+        # CPU seconds beside wall: on a shared machine only they say what the block cost.
+        logger.info("block %d/%d done in %.1f s, %.1f CPU s (peak RSS %.0f MB, now %.0f MB)",
+                    index + 1, len(blocks), time.perf_counter() - block_start,
+                    time.process_time() - block_cpu, _peak_rss_mb(), _process_rss() / 2**20)
     shutil.rmtree(run.work.path / "hidden-start.partial", ignore_errors=True)
     return True
+
+
+@functools.cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the system after a block. glibc keeps what a block's large
+    temporaries freed in its arenas, so without this the process's RSS creeps up block by block
+    although nothing is held (BENCHMARKS.md, issue 12); elsewhere there is nothing to do."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _peak_rss_mb() -> float:

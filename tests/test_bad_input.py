@@ -274,7 +274,7 @@ def _api_rows():
         ("recovery-batch-zero", lambda w: RecoverySettings(steps=1, batch_size=0), "batch_size"),
         ("recover-empty-windows", lambda w: recover_(tiny("llama"), tiny("llama"), torch.zeros(0, 8, dtype=torch.long),
                                                      RecoverySettings(steps=1), progress=False), "non-empty"),
-        ("quantize-inf-weights", lambda w: quantize_weights_(nan_model()), "NaN or inf"),
+        ("quantize-inf-weights", lambda w: quantize_weights_(nan_model()), "NaN/inf values"),
         ("quantize-compressed-as-plain", lambda w: quantize_weights_(_compressed_model()), "quantize_factors_"),
     ]
 

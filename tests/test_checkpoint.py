@@ -126,3 +126,29 @@ def test_plain_folder_is_not_a_compressed_checkpoint(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="no compression_config"):
         sc.load(tmp_path / "plain")
+
+
+def test_a_tensor_writer_folder_stores_conv1d_dense_weights_like_save(tmp_path, tiny_windows):
+    """Streaming writes module state through tensor_writer (hard links to its work folder): the
+    Conv1D-layout dense weights end in the file's orientation there too, the linked file untouched."""
+    import os
+
+    model = make_tiny_model("gpt2")
+    sc.compress_(model, sc.SVDConfig(rank=8, storage="dense", targets=("c_proj",)))
+    work = tmp_path / "work.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, work)
+    before = load_file(work)
+
+    def writer(folder):
+        os.link(work, folder / "model-00001-of-00001.safetensors")
+        return dict.fromkeys(before, "model-00001-of-00001.safetensors")
+
+    streamed = sc.save(model, tmp_path / "streamed", tensor_writer=writer)
+    in_memory = sc.save(model, tmp_path / "memory")
+    assert all(torch.equal(before[k], v) for k, v in load_file(work).items())
+    written = load_file(streamed / "model-00001-of-00001.safetensors")
+    expected = load_file(in_memory / "model.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert written["transformer.h.0.attn.c_proj.weight"].shape == (64, 64)
+    assert written["transformer.h.0.mlp.c_proj.weight"].shape == (256, 64)  # (in, out), as Conv1D
+    assert torch.equal(_logits(sc.load(streamed)[0], tiny_windows), _logits(model, tiny_windows))

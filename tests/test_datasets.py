@@ -65,6 +65,26 @@ def test_windows_are_deterministic_non_overlapping_slices(fake_corpus, char_toke
     assert len(set(starts)) == len(starts)  # distinct aligned slices: no overlap
 
 
+def test_a_mixture_takes_an_equal_share_of_windows_from_each_source(monkeypatch, char_tokenizer):
+    corpora = {"wiki": _fake_corpus(), "news": [{"title": f"n{i}", "text": "x" * 400} for i in range(40)]}
+    monkeypatch.setattr(datasets, "load_corpus", lambda name: corpora[name])
+    kwargs = {"seq_len": 50, "n_samples": 7, "seed": 3}
+    mixed = datasets.token_windows(char_tokenizer, "wiki+news", "calib", **kwargs)
+    assert torch.equal(mixed, datasets.token_windows(char_tokenizer, "wiki+news", "calib", **kwargs))
+    x_id = char_tokenizer("x", add_special_tokens=False)["input_ids"][0]
+    from_news = [bool((row == x_id).all()) for row in mixed]
+    assert sum(from_news) == 3 and len(mixed) == 7  # wiki takes the odd window
+    assert from_news != sorted(from_news, reverse=True)  # shuffled together, not concatenated
+    wiki_only = datasets.token_windows(char_tokenizer, "wiki", "calib", seq_len=50, n_samples=4, seed=3)
+    assert {tuple(r.tolist()) for r in wiki_only} == {tuple(r.tolist()) for r, n in zip(mixed, from_news, strict=True) if not n}
+
+
+@pytest.mark.parametrize("source", ["wiki+", "wiki+wiki", "wiki+poems"])
+def test_bad_mixtures_are_explained(source):
+    with pytest.raises(DatasetError, match="wiki, sotu, news"):
+        datasets.check_window_request(64, 4, source=source)
+
+
 def test_documents_are_joined_with_a_blank_line(char_tokenizer):
     stream = datasets._token_stream(char_tokenizer, ["ab", "cd"])
     assert char_tokenizer.decode(stream) == "ab\n\ncd"

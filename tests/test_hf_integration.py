@@ -92,7 +92,7 @@ def test_save_pretrained_round_trips_and_dequantize_gives_the_dense_model(tmp_pa
     _, folder = _checkpoint(tmp_path, "gpt2", storage, bits)  # Conv1D layers and a fused c_attn
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     expected = _logits(loaded, tiny_windows)
-    # What push_to_hub uploads is this save_pretrained folder (plus transformers' own README).
+    # What the Trainer writes (push_to_hub: test_push_to_hub_uploads_our_model_card_and_recipe).
     loaded.save_pretrained(tmp_path / "pushed")
     pushed = {p.name for p in (tmp_path / "pushed").iterdir()}
     assert pushed == {"config.json", "generation_config.json", "model.safetensors"}
@@ -109,6 +109,39 @@ def test_save_pretrained_round_trips_and_dequantize_gives_the_dense_model(tmp_pa
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
     assert not hasattr(dense.config, "quantization_config") and not hasattr(dense.config, "compression_config")
     torch.testing.assert_close(_logits(dense, tiny_windows), expected, rtol=1e-5, atol=1e-5)
+
+
+def _capture_uploads(monkeypatch):
+    """What push_to_hub would upload, with no network: file name -> bytes, per upload."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append({p.name: p.read_bytes() for p in sorted(folder_path.iterdir())})
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return uploads
+
+
+def test_push_to_hub_uploads_our_model_card_and_recipe(tmp_path, tiny_windows, monkeypatch):
+    """transformers' push_to_hub would write its generic README.md over ours after save_pretrained;
+    every model svdcompress compressed or loaded uploads the folder save writes instead."""
+    uploads = _capture_uploads(monkeypatch)
+    model, folder = _checkpoint(tmp_path, "gpt2", "factored", 8)
+    expected = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {"README.md", "recipe.yaml"} <= expected.keys()
+    for pushed in (model, sc.load(folder)[0], AutoModelForCausalLM.from_pretrained(folder)):
+        assert pushed.push_to_hub("someone/tiny-gpt2") == "commit"
+    assert len(uploads) == 3
+    for upload in uploads:
+        assert upload.keys() == expected.keys()
+        for name in ("README.md", "recipe.yaml", "config.json", "model.safetensors"):
+            assert upload[name] == expected[name], name
 
 
 def _saved_by_save_pretrained(tmp_path):
@@ -131,33 +164,87 @@ def test_plain_save_pretrained_after_compress_writes_the_same_format(tmp_path, t
     assert torch.equal(_logits(loaded, tiny_windows), _logits(model, tiny_windows))
 
 
+def _gpt2_dense_c_proj(tmp_path, name="gpt2-dense"):
+    """Float dense rank-r layers in place of GPT-2's Conv1D c_proj: attn.c_proj is square."""
+    model = make_tiny_model("gpt2")
+    sc.compress_(model, sc.SVDConfig(rank=8, storage="dense", targets=("c_proj",)))
+    return model, sc.save(model, tmp_path / name)
+
+
 def test_without_import_stock_transformers_refuses_or_loads_correctly(tmp_path, tiny_windows):
-    """Never random weights: every folder whose layers lost their stock weight is refused (size
-    mismatch on the guard tensors); float dense rank-r nn.Linear layers are plain weights."""
+    """Never random or transposed weights: every folder whose layers lost their stock weight is
+    refused (size mismatch on the guard tensors); float dense rank-r layers are plain weights, the
+    Conv1D ones (square attn.c_proj included) in Conv1D's orientation."""
     refused = [_checkpoint(tmp_path, "llama", *SETTINGS[s], name=s)[1] for s in SETTINGS]
     refused.append(_checkpoint(tmp_path, "gpt2", name="gpt2-fused")[1])  # split c_attn, Conv1D
     refused.append(_saved_by_save_pretrained(tmp_path)[1])  # model.save_pretrained after compress_
-    dense_model, dense = _checkpoint(tmp_path, "llama", "dense", name="dense")
-    outcome, log = _stock_load([*refused, dense], tmp_path)
+    loaded = [_checkpoint(tmp_path, "llama", "dense", name="dense"), _gpt2_dense_c_proj(tmp_path)]
+    outcome, log = _stock_load([*refused, *(folder for _, folder in loaded)], tmp_path)
     for folder in refused:
         assert "ignore_mismatched_sizes" in outcome[str(folder)], folder
     assert "Unknown quantization type, got svdcompress" in log  # transformers says why it skipped
-    assert outcome[str(dense)] is None
-    stock_logits = load_file(f"{dense}.logits")["logits"]
-    assert torch.equal(stock_logits, _logits(dense_model, tiny_windows))
+    for model, folder in loaded:
+        assert outcome[str(folder)] is None
+        stock_logits = load_file(f"{folder}.logits")["logits"]
+        torch.testing.assert_close(stock_logits, _logits(model, tiny_windows), rtol=1e-5, atol=1e-5)
 
 
-def test_format_1_checkpoints_still_load(tmp_path, tiny_windows):
-    """A folder written before format 2: compression_config only, no guard tensors."""
-    model, folder = _checkpoint(tmp_path)
+def test_conv1d_dense_weights_round_trip_through_from_and_save_pretrained(tmp_path, tiny_windows):
+    model, folder = _gpt2_dense_c_proj(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.transformer.h[1].mlp.c_proj.weight.shape == (64, 256)  # the module's (out, in)
+    loaded.save_pretrained(tmp_path / "again")
+    saved, original = load_file(tmp_path / "again" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again"), tiny_windows),
+                       _logits(model, tiny_windows))
+
+
+def _as_older_format(folder, version):
+    """Rewrite a current folder as svdcompress wrote it in format 1 (compression_config only, no
+    guard tensors) or 2 (+ quantization_config and guards), both with Conv1D-layout dense weights
+    (out, in)."""
     config = json.loads((folder / "config.json").read_text())
-    del config["quantization_config"]
+    layout = sc.checkpoint.SvdCompressQuantizationConfig.from_dict(config["quantization_config"])
+    tensors = sc.checkpoint.transpose_conv1d_weights(layout, load_file(folder / "model.safetensors"))
+    if version == 1:
+        del config["quantization_config"]
+        tensors = {k: v for k, v in tensors.items() if k not in sc.checkpoint.guard_names(layout)}
+    else:
+        config["quantization_config"]["format_version"] = version
     (folder / "config.json").write_text(json.dumps(config))
-    tensors = load_file(folder / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if v.shape != (1,)}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    loaded, _ = sc.load(folder)
-    assert torch.equal(_logits(loaded, tiny_windows), _logits(model, tiny_windows))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "report.txt").write_text("kept")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_formats_load_and_migrate_reads_them_for_from_pretrained(tmp_path, tiny_windows, version):
+    from typer.testing import CliRunner
+
+    from svdcompress.cli import app
+
+    model, folder = _gpt2_dense_c_proj(tmp_path)  # the layers whose stored orientation changed
+    sc.compress_(factored := make_tiny_model("gpt2"), sc.SVDConfig(rank=8))
+    expected = {folder: _logits(model, tiny_windows),
+                sc.save(factored, tmp_path / "factored"): _logits(factored, tiny_windows)}
+    for old in expected:
+        _as_older_format(old, version)
+        assert torch.equal(_logits(sc.load(old)[0], tiny_windows), expected[old])
+    if version == 2:
+        with pytest.raises(CheckpointError, match=r"format 2, written by an earlier version, and "
+                                                  r"from_pretrained reads format 3: rewrite it once "
+                                                  r"with `svdcompress migrate DIR`"):
+            AutoModelForCausalLM.from_pretrained(folder)
+    assert sc.checkpoint.migrate(folder, tmp_path / "new") == tmp_path / "new"
+    result = CliRunner().invoke(app, ["migrate", str(tmp_path / "factored")])  # in place
+    assert result.exit_code == 0, result.output
+    for new, old in ((tmp_path / "new", folder), (tmp_path / "factored", tmp_path / "factored")):
+        config = json.loads((new / "config.json").read_text())
+        assert config["quantization_config"]["format_version"] == CHECKPOINT_FORMAT
+        assert (new / "report.txt").read_text() == "kept" and (new / "README.md").is_file()
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(new), tiny_windows), expected[old])
+    with pytest.raises(CheckpointError, match="already exists"):
+        sc.checkpoint.migrate(folder, tmp_path / "new")
 
 
 def test_another_format_version_is_refused_with_what_to_do(tmp_path):
@@ -165,8 +252,9 @@ def test_another_format_version_is_refused_with_what_to_do(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["format_version"] = CHECKPOINT_FORMAT + 1
     (folder / "config.json").write_text(json.dumps(config))
-    for load in (AutoModelForCausalLM.from_pretrained, sc.load):
-        with pytest.raises(CheckpointError, match=r"format 3 .* reads format 2: load it with the "
+    for load in (AutoModelForCausalLM.from_pretrained, sc.load, sc.checkpoint.migrate):
+        with pytest.raises(CheckpointError, match=rf"format {CHECKPOINT_FORMAT + 1} .* reads format "
+                                                  rf"{CHECKPOINT_FORMAT}: load it with the "
                                                   r"svdcompress version that wrote it"):
             load(folder)
 

@@ -107,3 +107,20 @@ def test_break_even_rank_is_the_last_rank_that_saves(out, inp):
     r = linalg.break_even_rank(out, inp)
     assert linalg.factored_params(out, inp, r) < out * inp
     assert linalg.factored_params(out, inp, r + 1) >= out * inp
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])  # wide: eigh of (WS)(WS)ᵀ; tall: SVD of WS
+def test_whitened_svd_is_the_best_rank_r_fit_in_the_whitened_norm(shape):
+    weight = _random(shape, 0)
+    x = _random((50, shape[1]), 1) * torch.linspace(0.1, 3, shape[1], dtype=torch.float64)
+    gram = x.T @ x
+    gram[3, 1] += 1e-9  # the two triangles of a blocked XᵀX can differ; the lower one counts
+    symmetric = gram.tril() + gram.tril(-1).T
+    eigvals, eigvecs = torch.linalg.eigh(symmetric)
+    s = eigvecs * eigvals.sqrt()
+    u, sigma, vh = torch.linalg.svd(weight @ s)
+    best = (u[:, :3] * sigma[:3]) @ vh[:3] @ torch.linalg.inv(s)
+    factors = linalg.whitened_svd(weight, gram, 3)
+    torch.testing.assert_close(factors.product(), best, rtol=1e-9, atol=1e-10)
+    assert torch.equal(gram, symmetric)  # decomposed in place, given back exactly symmetric
+    torch.testing.assert_close(factors.left.norm(dim=0), sigma[:3].sqrt(), rtol=1e-9, atol=0)  # U√Σ

@@ -53,6 +53,29 @@ def test_recovery_lowers_kl_in_a_few_steps(windows):
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_hidden_state_distillation_matches_the_blocks_better_than_logits_alone(windows):
+    teacher = make_tiny_model("llama")
+
+    @torch.no_grad()
+    def mean_block_error(student) -> float:
+        kwargs = {"input_ids": windows, "output_hidden_states": True}
+        s, t = student(**kwargs).hidden_states, teacher(**kwargs).hidden_states
+        return sum(((a - b).norm() / b.norm()).item() for a, b in zip(s[1:], t[1:], strict=True)) / (len(s) - 1)
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        student = _student()
+        before = mean_block_error(student)
+        result = recover_(student, teacher, windows, RecoverySettings(
+            steps=12, lr=1e-2, batch_size=4, hidden_weight=weight), progress=False)
+        assert result.stopped == "completed"
+        errors[weight] = mean_block_error(student)
+    # logits alone let the blocks drift (0.55 -> 0.66 here); the hidden term pulls them back (0.45)
+    assert errors[1.0] < 0.9 * before and errors[1.0] < 0.75 * errors[0.0], (before, errors)
+    assert recover_module.hidden_state_loss(
+        [torch.zeros(2), torch.ones(3)], [torch.zeros(2), 2 * torch.ones(3)]).item() == pytest.approx(0.25)
+
+
 def test_only_factors_train_unless_norms_are_asked_for(windows):
     teacher, student = make_tiny_model("llama"), _student()
     frozen = {k: v.clone() for k, v in student.state_dict().items()}
@@ -119,9 +142,9 @@ def test_nan_loss_stops_and_restores_the_last_good_weights(windows, monkeypatch)
     calls = {"n": 0}
     forward = recover_module._forward_loss
 
-    def flaky(student, teacher, batch):
+    def flaky(student, teacher, batch, *args):
         calls["n"] += 1
-        loss = forward(student, teacher, batch)
+        loss = forward(student, teacher, batch, *args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(recover_module, "_forward_loss", flaky)
@@ -137,7 +160,9 @@ def test_nan_loss_stops_and_restores_the_last_good_weights(windows, monkeypatch)
 
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": -3}, {"steps": 5, "lr": 0.0},
-                                    {"steps": 5, "lr": float("nan")}, {"steps": 5, "lr": 3.0}])
+                                    {"steps": 5, "lr": float("nan")}, {"steps": 5, "lr": 3.0},
+                                    {"steps": 5, "hidden_weight": -1.0},
+                                    {"steps": 5, "hidden_weight": float("inf")}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
         RecoverySettings(**kwargs)
@@ -227,9 +252,9 @@ def _nan_at_call(monkeypatch, nan_call: int):
     calls = {"n": 0}
     forward = recover_module._forward_loss
 
-    def flaky(student, teacher, batch):
+    def flaky(student, teacher, batch, *args):
         calls["n"] += 1
-        loss = forward(student, teacher, batch)
+        loss = forward(student, teacher, batch, *args)
         return loss * float("nan") if calls["n"] == nan_call else loss
 
     monkeypatch.setattr(recover_module, "_forward_loss", flaky)

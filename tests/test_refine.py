@@ -191,7 +191,6 @@ def test_pipeline_statistics_match_direct_sums(seed):
     from conftest import make_tiny_model
 
     from svdcompress.calibration import Calibration, run_sequential
-    from svdcompress.compress import _replace
     from svdcompress.modules import LowRankLinear
     from svdcompress.targets import find_targets
 
@@ -206,7 +205,7 @@ def test_pipeline_statistics_match_direct_sums(seed):
             stats[name] = entry
             module = model.get_submodule(name)
             factors = truncated_svd(module.weight.detach(), 8)
-            _replace(model, name, LowRankLinear.from_linear(
+            model.set_submodule(name, LowRankLinear.from_linear(
                 module, Factors(factors.left.float(), factors.right.float())))
 
     run_sequential(model, targets, Calibration(windows), compress_block, batch_size=2,
@@ -216,7 +215,7 @@ def test_pipeline_statistics_match_direct_sums(seed):
     half = copy.deepcopy(original)
     for target in targets:
         if target.block == 0:
-            _replace(half, target.name, copy.deepcopy(model.get_submodule(target.name)))
+            half.set_submodule(target.name, copy.deepcopy(model.get_submodule(target.name)))
     names = [t.name for t in targets]
     xo = _inputs(original, names, windows)
     xc = {**{n: xo[n] for n in names if ".0." in n}, **_inputs(half, names, windows)}

@@ -214,7 +214,7 @@ def test_memory_estimate_of_the_tinyllama_shape_counts_its_parts():
     assert estimate.hidden == 16 * 512 * 2048 * 4
     # Gram matrices: six 2048² (q, k, v, o, gate, up) and one 5632² (down), float64
     grams = (6 * 2048**2 + 5632**2) * 8
-    assert estimate.statistics == grams + 4 * 5632**2 * 8 + 3 * 2048 * 5632 * 8
+    assert estimate.statistics == grams + 2 * 5632**2 * 8 + 3 * 2048 * 5632 * 8
     assert estimate.streaming(spill=False) < estimate.in_memory - 3 * 1024**3
 
 
@@ -301,3 +301,37 @@ def test_real_smollm2_streams_to_the_same_checkpoint_as_in_memory(tmp_path):
     streaming.compress_streaming(source, config, tmp_path / "stream", tokenizer=tokenizer,
                                  base_model="smollm2-135m")
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_block_statistics_are_shared_exact_and_stop_at_the_last_target(tiny_llama, tiny_windows):
+    """Both paths' statistics pass: targets fed one tensor share one Gram, which equals Σ xᵀx of
+    each target's input as a plain forward sees it; the pass stops once every target has its input."""
+    from svdcompress import calibration
+
+    block = tiny_llama.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    modules = {n: block.get_submodule(n) for n in names}
+    calls = calibration._capture_first_block_inputs(tiny_llama, block, list(tiny_windows.split(2)))
+    expected = {n: 0 for n in names}
+    ran_after_down = []
+
+    def record(name):
+        def hook(_m, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            expected[name] = expected[name] + x.T @ x
+        return hook
+
+    with calibration.forward_hooks({m: record(n) for n, m in modules.items()}), torch.no_grad():
+        for call in calls:
+            calibration._run_block(block, call, call.hidden)
+    with calibration.forward_hooks({block.mlp.down_proj: lambda *a: ran_after_down.append(1)}):
+        stats, _ = calibration._gather_block_stats(block, modules, calls, [c.hidden for c in calls], None)
+    assert ran_after_down == []  # down_proj's own product was never computed
+    assert stats["self_attn.q_proj"].gram is stats["self_attn.v_proj"].gram
+    assert stats["mlp.gate_proj"].gram is stats["mlp.up_proj"].gram
+    assert stats["self_attn.o_proj"].gram is not stats["self_attn.q_proj"].gram
+    for name in names:
+        torch.testing.assert_close(stats[name].gram, expected[name], rtol=1e-5, atol=1e-4)
+        assert torch.equal(stats[name].gram, stats[name].gram.T)
+        assert stats[name].n_tokens == tiny_windows.numel()

@@ -9,7 +9,14 @@ import typer
 
 from svdcompress.errors import SvdCompressError
 
-__all__ = ["handle_errors"]
+__all__ = ["handle_errors", "split_list"]
+
+
+def split_list(values: list[str] | None) -> tuple[str, ...] | None:
+    """A repeatable option whose values may also be comma-separated (``--targets q_proj,k_proj``)."""
+    if not values:
+        return None
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
 @contextlib.contextmanager

@@ -16,6 +16,14 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
+from svdcompress.pipelines import (  # the library's defaults are the options' defaults
+    DEFAULT_DATA,
+    DEFAULT_DEVICE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+)
+
 __all__ = [
     "DEFAULT_DATA",
     "DEFAULT_DEVICE",
@@ -30,11 +38,6 @@ __all__ = [
     "write_json",
 ]
 
-DEFAULT_DATA = "wiki"
-DEFAULT_WINDOWS = 64
-DEFAULT_SEQ_LEN = 512
-DEFAULT_SEED = 0
-DEFAULT_DEVICE = "auto"
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda, cuda:1, ..."
 
 COMPUTING = ("compress", "analyze", "eval", "recover", "finetune", "bench")
@@ -67,9 +70,10 @@ VOCABULARY: dict[str, Concept] = {
         "--seed", DEFAULT_SEED, ("compress", "analyze", "eval", "recover", "finetune"),
         "picks the windows (and their order where there is one)"),
     "output folder": Concept(
-        "--out", None, ("compress", "analyze", "recover", "finetune", "quantize", "export-dense"),
+        "--out", None, ("compress", "analyze", "recover", "finetune", "quantize", "export-dense",
+                        "migrate"),
         "the folder written (refused if it exists, unless --overwrite)",
-        {"recover": "CHECKPOINT-recovered"}),
+        {"recover": "CHECKPOINT-recovered", "migrate": "the checkpoint itself, rewritten in place"}),
     "JSON result": Concept(
         "--json", None, ("compress", "analyze", "eval", "recover", "finetune", "bench", "quantize"),
         "also write the numbers printed as a table to this JSON file"),

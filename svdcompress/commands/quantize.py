@@ -31,13 +31,13 @@ def register(app: typer.Typer) -> None:
         """Store weights as symmetric per-row int8 codes + float32 scales, and save the result."""
         with handle_errors():
             from svdcompress.checkpoint import save
-            from svdcompress.config import _check_quant_bits
+            from svdcompress.config import check_quant_bits
             from svdcompress.errors import ConfigError
             from svdcompress.modules import LowRankLinear
             from svdcompress.quantize import quantize_factors_, quantize_weights_
             from svdcompress.zoo import load_model
 
-            _check_quant_bits(bits)
+            check_quant_bits(bits)
             if out.exists() and not overwrite:
                 raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
             loaded, tokenizer = load_model(model)

@@ -1,11 +1,18 @@
 """SVD-LLM truncation-aware data whitening."""
 
 from svdcompress.config import WhitenConfig
-from svdcompress.linalg import whitened_svd
+from svdcompress.errors import ConfigError
+from svdcompress.linalg import blended_target, whitened_svd
 from svdcompress.methods import register
 
 
 def factorize(weight, rank, stats, extra, config):
+    if config.error_blend > 0:
+        if stats.cross is None:  # compress_ tracks the original stream for it; streaming does not
+            raise ConfigError("error_blend > 0 needs the original model's inputs beside the "
+                              "compressed model's; this path does not track them. Use compress_ "
+                              "(not streaming) or error_blend=0.")
+        weight = blended_target(weight, stats.gram, stats.cross, config.error_blend)
     return whitened_svd(weight, stats.gram, rank)
 
 
