@@ -36,9 +36,10 @@ from svdcompress.analysis import analyze
 from svdcompress.calibration import Calibration
 from svdcompress.datasets import load_facts, token_windows
 from svdcompress.evaluate import fact_recall, perplexity
+from svdcompress.int8_analysis import int8_sensitivity
 from svdcompress.modules import LowRankLinear, dense_weight
 from svdcompress.provenance import stamp_results, write_results
-from svdcompress.quantize import int8_sensitivity, quantize_weights_, rtn_quantize_
+from svdcompress.quantize import quantize_weights_, rtn_quantize_
 from svdcompress.targets import find_targets
 
 logger = logging.getLogger("bytes_frontier")

@@ -37,9 +37,10 @@ from svdcompress.config import CompressionConfig
 from svdcompress.errors import ConfigError
 from svdcompress.fetch import atomic_write_json
 from svdcompress.linalg import break_even_rank, factored_params, rank_for_param_ratio
+from svdcompress.provenance import provenance
 
 if TYPE_CHECKING:
-    from svdcompress.quantize import Int8Sensitivity, ModuleInt8
+    from svdcompress.int8_analysis import Int8Sensitivity, ModuleInt8
 
 __all__ = [
     "Allocation",
@@ -270,7 +271,7 @@ def allocate(
     prices the ranks; a ``cost`` model given must have the same. The analysis serves both: the
     same rank gives the same product, so the same predicted KL.
 
-    ``int8`` (:func:`svdcompress.quantize.int8_sensitivity`, bytes budgets only, factored storage)
+    ``int8`` (:func:`svdcompress.int8_analysis.int8_sensitivity`, bytes budgets only, factored storage)
     adds per module: INT8 factors at every rank, and dense INT8; the result's ``bits`` says which.
     """
     if min_rank < 1 or rank_step < 1:
@@ -355,7 +356,7 @@ def allocate_config(
     Call it on the uncompressed model, then ``compress_(model, returned_config, calibration)``.
     The sensitivity is measured with whitened truncation whatever ``base_config.method`` is.
     ``int8_options`` (with ``byte_budget``): each module may also be dense INT8 or hold INT8
-    factors, priced and predicted from :func:`svdcompress.quantize.int8_sensitivity` (cached in
+    factors, priced and predicted from :func:`svdcompress.int8_analysis.int8_sensitivity` (cached in
     ``analysis_dir`` too).
     """
     if int8_options and byte_budget is None:
@@ -368,7 +369,7 @@ def allocate_config(
                        exclude=base_config.exclude, **analysis_options)
     int8 = None
     if int8_options:
-        from svdcompress.quantize import int8_sensitivity  # lazy: quantize imports compress's deps
+        from svdcompress.int8_analysis import int8_sensitivity  # lazy: it imports analysis
 
         int8 = int8_sensitivity(model, calibration, analysis, analysis_dir, min_rank=min_rank)
     allocation = allocate(
@@ -382,7 +383,9 @@ def allocate_config(
         tag = f"p{base_config.param_ratio:.2f}" if byte_budget is None else f"b{byte_budget}"
         tag += "-pivoted" if base_config.storage == "pivoted" else ""
         tag += "-int8" if int8_options else ""
-        atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json", config.to_dict())
+        # Provenance: such a recipe can be a published result (experiments/results/allocation/).
+        atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json",
+                          {**config.to_dict(), "provenance": provenance()})
     logger.info("allocated %d modules (%d left dense): %.4f of %s, predicted KL %.4g",
                 len(allocation.ranks), len(allocation.dense), allocation.ratio, allocation.unit,
                 allocation.predicted_kl)

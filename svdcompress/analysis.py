@@ -69,7 +69,9 @@ __all__ = [
     "Measurement",
     "ModuleAnalysis",
     "PolicyDiagnostics",
+    "analysis_settings",
     "analyze",
+    "build_probe",
     "diagnose_policy",
     "effective_rank",
     "energy_rank",
@@ -78,6 +80,7 @@ __all__ = [
     "load_analysis",
     "model_fingerprint",
     "probe_ranks",
+    "weight_replaced",
 ]
 
 logger = logging.getLogger(__name__)
@@ -437,7 +440,7 @@ class _Probe:
 
 
 @torch.no_grad()
-def _build_probe(model: nn.Module, windows: torch.Tensor) -> _Probe:
+def build_probe(model: nn.Module, windows: torch.Tensor) -> _Probe:
     _, blocks = decoder_blocks(model)
     head = model.get_output_embeddings()
     if head is None:
@@ -472,7 +475,7 @@ def _check_probe(model: nn.Module, windows: torch.Tensor, ref_logp: torch.Tensor
 
 
 @contextlib.contextmanager
-def _weight_replaced(module: nn.Module, approx: torch.Tensor) -> Iterator[None]:
+def weight_replaced(module: nn.Module, approx: torch.Tensor) -> Iterator[None]:
     """Temporarily run ``module`` with an (out, in) weight; the original is always put back."""
     original = module.weight.data
     new = approx.T if isinstance(module, Conv1D) else approx
@@ -499,7 +502,7 @@ def _analyze_module(
     measurements = []
     for rank in probe_ranks(target.out_features, target.in_features, fractions):
         approx = (u[:, :rank] * s[:rank]) @ (vh[:rank] @ white.s_inv)  # best rank-r in ‖·X‖
-        with _weight_replaced(module, approx):
+        with weight_replaced(module, approx):
             kl, delta_nll = probe.measure(target.block)
         energy = float((s[rank:] ** 2).sum()) / max(total, 1e-300)
         measurements.append(Measurement(rank, energy, kl, delta_nll))
@@ -513,7 +516,7 @@ def _analyze_module(
     )
 
 
-def _settings(targets: list[Target], calibration: Calibration, fractions, probe_samples,
+def analysis_settings(targets: list[Target], calibration: Calibration, fractions, probe_samples,
               probe_len) -> dict[str, Any]:
     windows = calibration.windows.contiguous().cpu().to(torch.int64)
     return {
@@ -557,7 +560,7 @@ def analyze(
     if probe_samples < 1 or probe_len < 2:
         raise AnalysisError(f"probe of {probe_samples}×{probe_len} tokens: need ≥1 window of ≥2.")
     found = find_targets(model, tuple(targets), tuple(exclude))
-    settings = _settings(found, calibration, fractions, probe_samples, probe_len)
+    settings = analysis_settings(found, calibration, fractions, probe_samples, probe_len)
     fingerprint = model_fingerprint(model)
     store = _Store(Path(out_dir), fingerprint, settings) if out_dir is not None else None
     done: dict[str, ModuleAnalysis] = store.modules if store else {}
@@ -572,7 +575,7 @@ def analyze(
 def _measure(model, calibration, todo, done, store, seconds, fractions, probe_windows, batch_size):
     start = time.perf_counter()
     by_name = {t.name: t for t in todo}
-    probe = _build_probe(model, probe_windows)
+    probe = build_probe(model, probe_windows)
     logger.info("analysing %d modules: probe %s tokens, fractions %s",
                 len(todo), tuple(probe_windows.shape), list(fractions))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from svdcompress._version import __version__
 from svdcompress.fetch import atomic_write_text
 
 __all__ = [
@@ -43,8 +44,6 @@ def code_version(repo: str | Path | None = None) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
-
-    from svdcompress import __version__
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")

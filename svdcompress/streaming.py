@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from svdcompress import __version__
+from svdcompress._version import __version__
 from svdcompress.analysis import model_fingerprint
 from svdcompress.calibration import (
     Calibration,

@@ -155,7 +155,7 @@ CLI_ROWS = [
     ("rank-pattern-no-equals", [*COMPRESS, "--rank-pattern", "layers"], "REGEX=RANK", None),
     ("rank-pattern-not-a-number", [*COMPRESS, "--rank-pattern", "layers=abc"], "neither a rank nor a ratio", None),
     ("rank-pattern-matches-nothing", [*COMPRESS, "--rank-pattern", "nowhere=4"], "matches none", None),
-    ("unknown-storage", [*COMPRESS, "--storage", "zip"], "factored' or 'dense'", None),
+    ("unknown-storage", [*COMPRESS, "--storage", "zip"], "use one of factored, pivoted, dense", None),
     ("quant-bits-4", [*COMPRESS, "--quant-bits", "4"], "8", None),
     ("refine-iters-negative", [*COMPRESS, "--refine-iters", "-1"], "refine_iters", None),
     ("refine-lr-zero", [*COMPRESS, "--refine-lr", "0"], "refine_lr", None),

@@ -18,14 +18,9 @@ from svdcompress.allocation import CostModel, allocate
 from svdcompress.analysis import analyze
 from svdcompress.config import config_from_dict
 from svdcompress.errors import AnalysisError, ConfigError
+from svdcompress.int8_analysis import INT8_FILE, Int8Sensitivity, ModuleInt8, int8_sensitivity
 from svdcompress.modules import LowRankLinear
-from svdcompress.quantize import (
-    INT8_FILE,
-    Int8Sensitivity,
-    ModuleInt8,
-    int8_sensitivity,
-    quantize_weights_,
-)
+from svdcompress.quantize import quantize_weights_
 from svdcompress.recipe import recipe_text
 
 COST = CostModel.for_bytes(torch.float32)
@@ -205,9 +200,9 @@ def test_int8_sensitivity_resumes_and_refuses_other_windows(tiny_llama, tiny_win
     analysis = analyze(tiny_llama, tiny_windows, tmp_path, probe_samples=2, probe_len=16)
     first = int8_sensitivity(tiny_llama, tiny_windows, analysis, tmp_path)
     assert (tmp_path / INT8_FILE).is_file()
-    import svdcompress.quantize as quantize
+    import svdcompress.int8_analysis as int8_analysis
 
-    monkeypatch.setattr(quantize, "_measure_int8", lambda *a, **k: pytest.fail("not resumed"))
+    monkeypatch.setattr(int8_analysis, "_measure_int8", lambda *a, **k: pytest.fail("not resumed"))
     again = int8_sensitivity(tiny_llama, tiny_windows, analysis, tmp_path)
     assert again.modules == first.modules
     with pytest.raises(AnalysisError, match="calibration windows"):
