@@ -99,13 +99,13 @@ def instrument(clock: PhaseClock, stack: contextlib.ExitStack) -> None:
                 return original(*args, **kwargs)
         return run_block
 
-    patch(calibration_module, "_gather_block_stats", lambda f: clock.wrap("statistics_pass", f))
-    patch(calibration_module, "_run_block", timed_block)
+    patch(calibration_module, "gather_block_stats", lambda f: clock.wrap("statistics_pass", f))
+    patch(calibration_module, "run_block", timed_block)
     patch(calibration_module, "forward_hooks", timed_hooks)
     patch(whiten_method, "whitened_svd", lambda f: clock.wrap("factorize_other", f))
     patch(linalg, "_gram_eigen", lambda f: clock.wrap("eigendecompositions", f))
     patch(torch.linalg, "svd", lambda f: clock.wrap("svds", f))
-    patch(compress_module._Compressor, "_report", lambda f: clock.wrap("report", f))
+    patch(compress_module.Compressor, "_report", lambda f: clock.wrap("report", f))
 
 
 def forward_pass(model, windows: torch.Tensor, batch: int) -> tuple[float, float]:

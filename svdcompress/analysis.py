@@ -40,12 +40,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from svdcompress.calibration import (
+    BlockCall,
     Calibration,
     ModuleStats,
-    _BlockCall,
-    _capture_first_block_inputs,
-    _run_block,
+    capture_block_inputs,
     forward_hooks,
+    run_block,
     run_sequential,
 )
 from svdcompress.diagnostics import (  # re-exported: policy diagnostics began here
@@ -408,7 +408,7 @@ class _Probe:
     """The original model's state on a small batch, for measuring one changed module cheaply."""
 
     blocks: nn.ModuleList
-    call: _BlockCall
+    call: BlockCall
     inputs: list[torch.Tensor]  # what each block receives, (B, T, d)
     tail: list[nn.Module]
     head: nn.Module
@@ -429,7 +429,7 @@ class _Probe:
         """(KL to the original, Δ next-token loss), per token, running from block ``index``."""
         hidden = self.inputs[index]
         for block in self.blocks[index:]:
-            hidden = _run_block(block, self.call, hidden)
+            hidden = run_block(block, self.call, hidden)
         kl, nll = 0.0, 0.0
         for rows, logp in self.logp_chunks(hidden):
             ref = self.ref_logp[rows]
@@ -448,11 +448,11 @@ def build_probe(model: nn.Module, windows: torch.Tensor) -> _Probe:
     device = next(model.parameters()).device
     windows = windows.to(device)
     tail = _find_tail(model, blocks, head, windows[:1, : min(8, windows.shape[1])])
-    call = _capture_first_block_inputs(model, blocks[0], [windows])[0]
+    call = capture_block_inputs(model, blocks[0], [windows])[0]
     inputs, hidden = [], call.hidden
     for block in blocks:
         inputs.append(hidden)
-        hidden = _run_block(block, call, hidden)
+        hidden = run_block(block, call, hidden)
     labels = torch.cat([windows[:, 1:], torch.full_like(windows[:, :1], -100)], 1).reshape(-1)
     probe = _Probe(blocks, call, inputs, tail, head, torch.empty(0), labels, 0.0)
     probe.ref_logp = torch.cat([logp for _, logp in probe.logp_chunks(hidden)])

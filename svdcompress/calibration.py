@@ -26,7 +26,16 @@ from svdcompress.errors import CalibrationError
 from svdcompress.linalg import symmetrize_
 from svdcompress.targets import Target, decoder_blocks, linear_shape
 
-__all__ = ["Calibration", "ModuleStats", "forward_hooks", "run_sequential"]
+__all__ = [
+    "BlockCall",
+    "Calibration",
+    "ModuleStats",
+    "capture_block_inputs",
+    "forward_hooks",
+    "gather_block_stats",
+    "run_block",
+    "run_sequential",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,18 +104,21 @@ class _BlockStatisticsComplete(Exception):
 
 
 @dataclass
-class _BlockCall:
+class BlockCall:
+    """One batch's call of a decoder block: its hidden states and the other arguments the model passed."""
+
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
 
 
-def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[_BlockCall]:
-    calls: list[_BlockCall] = []
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[BlockCall]:
+    """Run the model on each batch up to ``block`` and record how ``block`` is called (then stop)."""
+    calls: list[BlockCall] = []
 
     def capture(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        calls.append(_BlockCall(hidden, tuple(args[1:]), dict(kwargs)))
+        calls.append(BlockCall(hidden, tuple(args[1:]), dict(kwargs)))
         raise _BlockInputsCaptured
 
     device = next(model.parameters()).device
@@ -117,7 +129,8 @@ def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: lis
     return calls
 
 
-def _run_block(block: nn.Module, call: _BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+def run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    """``block``'s output hidden states for ``hidden``, called as the model called it in ``call``."""
     out = block(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -139,10 +152,10 @@ def _add_gram_lower_(gram: torch.Tensor, x: torch.Tensor, columns: int = 256) ->
         gram[start:, start:stop] += x[:, start:].T @ x[:, start:stop]
 
 
-def _gather_block_stats(
+def gather_block_stats(
     block: nn.Module,
     modules: dict[str, nn.Module],
-    calls: list[_BlockCall],
+    calls: list[BlockCall],
     compressed: list[torch.Tensor],
     original: list[torch.Tensor] | None,
 ) -> tuple[dict[str, ModuleStats], list[torch.Tensor] | None]:
@@ -204,14 +217,14 @@ def _gather_block_stats(
         for index, call in enumerate(calls):
             if original is not None:
                 with forward_hooks({m: remember_original(n) for n, m in modules.items()}):
-                    next_original.append(_run_block(block, call, original[index]))
+                    next_original.append(run_block(block, call, original[index]))
             batch_cache.clear()
             added.clear()
             seen.clear()
             # Pre-hooks: the statistics need each target's input, never its output.
             with forward_hooks({m: accumulate(n) for n, m in modules.items()}, pre=True), \
                     contextlib.suppress(_BlockStatisticsComplete):
-                _run_block(block, call, compressed[index])
+                run_block(block, call, compressed[index])
             _check_sharers_ran(stats, seen)
             original_inputs.clear()
     for name, module in modules.items():  # a target no batch reached (never so in a dense block)
@@ -263,7 +276,7 @@ def run_sequential(
         by_block.setdefault(target.block, []).append(target)
     # Under torchrun each rank runs its share of the batches; reduce_stats sums what they saw.
     batches = distributed.shard_batches(calibration.batches(batch_size))
-    calls = _capture_first_block_inputs(model, blocks[0], batches)
+    calls = capture_block_inputs(model, blocks[0], batches)
     compressed = [call.hidden for call in calls]
     original = [call.hidden for call in calls] if track_original else None
     last_block = max(by_block)
@@ -273,14 +286,14 @@ def run_sequential(
             block = blocks[index]
             if index in by_block:
                 modules = {t.name: model.get_submodule(t.name) for t in by_block[index]}
-                stats, next_original = _gather_block_stats(block, modules, calls, compressed, original)
+                stats, next_original = gather_block_stats(block, modules, calls, compressed, original)
                 distributed.reduce_stats(stats)
                 compress_block(index, stats)
                 del stats
             elif original is not None:
-                next_original = [_run_block(block, c, h) for c, h in zip(calls, original, strict=True)]
+                next_original = [run_block(block, c, h) for c, h in zip(calls, original, strict=True)]
             if index < last_block:  # the last compressed block's outputs feed nothing we measure
-                compressed = [_run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
+                compressed = [run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
                 if original is not None:
                     original = next_original
     logger.info("calibrated %d blocks on %d tokens", last_block + 1, calibration.n_tokens)

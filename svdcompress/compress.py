@@ -34,7 +34,18 @@ from svdcompress.quantize import quantize_module
 from svdcompress.refine import LayerObjective, RefineResult, RefineSettings, refine_factors
 from svdcompress.targets import Target, find_targets
 
-__all__ = ["CompressionReport", "ModuleReport", "compress_", "compression_record", "resolve_ranks"]
+__all__ = [
+    "CompressionReport",
+    "Compressor",
+    "ModuleReport",
+    "as_calibration",
+    "check_finite",
+    "check_token_ids",
+    "compress_",
+    "compression_record",
+    "excluded_targets",
+    "resolve_ranks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +199,8 @@ def _split_dense_int8(config: CompressionConfig, targets: list[Target]) -> tuple
     return dense, [t for t in targets if t not in dense]
 
 
-def _check_finite(model: nn.Module, targets: list[Target]) -> None:
+def check_finite(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse to compress a target whose weight holds NaN or inf."""
     for target in targets:
         require_finite({"its weight": dense_weight(model.get_submodule(target.name))}, module=target.name,
                        error=ConfigError, refusing="compress it", fix="the model's weights are broken")
@@ -198,7 +210,7 @@ def _bytes(params: int, dtype: torch.dtype) -> int:
     return params * dtype.itemsize
 
 
-class _Compressor:
+class Compressor:
     """Factorizes targets one at a time, swaps them in, and writes their report lines."""
 
     def __init__(self, model, config, ranks, method, extras):
@@ -285,7 +297,8 @@ def _record_refinement(report: ModuleReport, result: RefineResult) -> None:
     report.refine_steps = result.iters_run
 
 
-def _as_calibration(calibration) -> Calibration | None:
+def as_calibration(calibration) -> Calibration | None:
+    """``None``, a :class:`Calibration`, or token windows (n, seq_len) wrapped in one."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, torch.Tensor):
@@ -296,7 +309,7 @@ def _as_calibration(calibration) -> Calibration | None:
     )
 
 
-def _check_token_ids(model: nn.Module, calibration: Calibration | None) -> None:
+def check_token_ids(model: nn.Module, calibration: Calibration | None) -> None:
     """Token ids outside the vocabulary would end in an IndexError deep inside the embedding."""
     if calibration is None or calibration.windows.numel() == 0:
         return
@@ -323,12 +336,12 @@ def compress_(
     ``importance``: scores from ``compute_importance`` for the ``importance`` method.
     """
     start = time.perf_counter()
-    calibration = _as_calibration(calibration)
+    calibration = as_calibration(calibration)
     distributed.check_compression_inputs(model, config, calibration)  # under torchrun; first
-    _check_token_ids(model, calibration)
+    check_token_ids(model, calibration)
     targets = find_targets(model, config.targets, config.exclude)
-    excluded = _excluded(model, config, targets)  # before the swap: afterwards a role may be gone
-    _check_finite(model, targets)
+    excluded = excluded_targets(model, config, targets)  # before the swap: afterwards a role may be gone
+    check_finite(model, targets)
     int8_targets, targets = _split_dense_int8(config, targets)
     ranks = resolve_ranks(config, targets)
     if config.uses_calibration and calibration is None:
@@ -342,7 +355,7 @@ def compress_(
     method = get_method(config)
     prepare = method.prepare if targets else None  # all dense INT8: nothing to factorize
     extras = prepare(model, targets, config, calibration, importance) if prepare else {}
-    compressor = _Compressor(model, config, ranks, method, extras)
+    compressor = Compressor(model, config, ranks, method, extras)
     sizes = {t.name: t.out_features * t.in_features for t in targets}  # factorization cost
     for target in int8_targets:  # first, so the factorized blocks calibrate on their INT8 outputs
         compressor.install_dense_int8(target.name)
@@ -416,7 +429,8 @@ def _merged_compression_config(model: nn.Module, latest: dict) -> dict:
             "history": [*previous.get("history", []), earlier]}
 
 
-def _excluded(model: nn.Module, config: CompressionConfig, chosen: list[Target]) -> dict[str, int]:
+def excluded_targets(model: nn.Module, config: CompressionConfig, chosen: list[Target]) -> dict[str, int]:
+    """How many modules (and parameters) the config's targets name but ``exclude`` leaves dense."""
     if not config.exclude:
         return {"excluded_modules": 0, "excluded_params": 0}
     names = {t.name for t in find_targets(model, config.targets)} - {t.name for t in chosen}

@@ -3,7 +3,7 @@
 The model is built on the meta device (no weights). The embeddings are read in to capture what
 the first decoder block receives for each calibration batch, then released. Each block in turn is
 read from the shards (memory-mapped), its targets' statistics are gathered and it is compressed by
-the same code as the in-memory path (``_gather_block_stats``, ``_Compressor``), its outputs become
+the same code as the in-memory path (``gather_block_stats``, ``Compressor``), its outputs become
 the next block's inputs, its tensors are written to their own output shard, and it is released.
 Peak memory is about one block + the embeddings + the calibration hidden states + one block's
 statistics, whatever the model's size; hidden states that do not fit the budget live on disk, one
@@ -47,19 +47,19 @@ from svdcompress._version import __version__
 from svdcompress.analysis import model_fingerprint
 from svdcompress.calibration import (
     Calibration,
-    _capture_first_block_inputs,
-    _gather_block_stats,
-    _run_block,
+    capture_block_inputs,
+    gather_block_stats,
+    run_block,
 )
 from svdcompress.compress import (
     CompressionReport,
+    Compressor,
     ModuleReport,
-    _as_calibration,
-    _check_finite,
-    _check_token_ids,
-    _Compressor,
-    _excluded,
+    as_calibration,
+    check_finite,
+    check_token_ids,
     compression_record,
+    excluded_targets,
     resolve_ranks,
 )
 from svdcompress.config import CompressionConfig
@@ -503,7 +503,7 @@ class _Run:
     aliases: dict[str, str]
     work: _WorkFolder
     spill: bool
-    compressor: _Compressor
+    compressor: Compressor
 
     def block_names(self, index: int) -> tuple[str, nn.Module, list[str]]:
         blocks_name, blocks = decoder_blocks(self.model)
@@ -523,7 +523,7 @@ def _capture(run: _Run, calibration: Calibration) -> tuple[list, _Stream, _Strea
     folder.mkdir()
     calls = []
     for batch in calibration.batches(run.config.calib_batch_size):  # one at a time: spillable
-        calls.extend(_capture_first_block_inputs(model, blocks[0], [batch]))
+        calls.extend(capture_block_inputs(model, blocks[0], [batch]))
         if run.spill:
             save_file({"hidden": calls[-1].hidden.contiguous()}, folder / f"compressed-{len(calls) - 1:05d}.safetensors")
             calls[-1].hidden = None
@@ -553,23 +553,23 @@ def _process_block(run: _Run, index: int, targets: list[Target], calls: list, co
     next_original = None
     with torch.no_grad():
         if targets:
-            _check_finite(run.model, targets)
+            check_finite(run.model, targets)
             modules = {t.name: run.model.get_submodule(t.name) for t in targets}
             if calls:
-                stats, next_original = _gather_block_stats(block, modules, calls, compressed, original)
+                stats, next_original = gather_block_stats(block, modules, calls, compressed, original)
                 for name in list(stats):  # each module's statistics go as soon as it is done
                     run.compressor.compress_module(name, stats.pop(name))
             else:
                 for name in modules:
                     run.compressor.compress_module(name, None)
         elif original is not None and feeds_next:
-            next_original = (_run_block(block, c, h) for c, h in zip(calls, original, strict=True))
+            next_original = (run_block(block, c, h) for c, h in zip(calls, original, strict=True))
         outputs = None
         if feeds_next:
             folder = run.work.hidden(index).with_name(run.work.hidden(index).name + ".partial")
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            batches = (_run_block(block, c, compressed[j]) for j, c in enumerate(calls))
+            batches = (run_block(block, c, compressed[j]) for j, c in enumerate(calls))
             outputs = (_Stream.write(folder, "compressed", batches, run.spill),
                        None if original is None else _Stream.write(folder, "original", iter(next_original), run.spill))
             shutil.rmtree(run.work.hidden(index), ignore_errors=True)  # a run killed before its marker
@@ -613,7 +613,7 @@ def compress_streaming(
     """
     start = time.perf_counter()
     source, out = Path(source), Path(out)
-    calibration = _as_calibration(calibration)
+    calibration = as_calibration(calibration)
     run, targets, excluded = _start(source, config, out, calibration, dtype, max_memory, overwrite)
     params_before = stored_numbers(run.model)
     if not _run_blocks(run, targets, calibration, out, stop_after):
@@ -643,7 +643,7 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
     reader = ShardReader(source)
     reader.check()
     model = _skeleton(source, dtype)
-    _check_token_ids(model, calibration)
+    check_token_ids(model, calibration)
     method = get_method(config)
     if method.prepare is not None:
         raise ConfigError(
@@ -655,12 +655,12 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another folder or pass overwrite.")
     targets = find_targets(model, config.targets, config.exclude)
-    excluded = _excluded(model, config, targets)
+    excluded = excluded_targets(model, config, targets)
     ranks = resolve_ranks(config, targets)
     spill = _choose_spill(model, targets, config, calibration, dtype, max_memory)
     work = _WorkFolder(work_folder(out), _plan(source, reader, config, calibration, dtype))
     run = _Run(model, reader, config, dtype, _tied_aliases(model), work, spill,
-               _Compressor(model, config, ranks, method, {}))
+               Compressor(model, config, ranks, method, {}))
     return run, targets, excluded
 
 

@@ -60,7 +60,7 @@ def install(point: str) -> None:
     if where == "module":
         from svdcompress import compress
 
-        compress._Compressor.install = _counting(compress._Compressor.install, n)
+        compress.Compressor.install = _counting(compress.Compressor.install, n)
     elif where == "weights":
         from transformers import modeling_utils
 

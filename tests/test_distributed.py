@@ -134,19 +134,19 @@ def _compress_with_a_failing_module() -> None:
     """Rank 1 owns this gate_proj (see test_owners_spread_modules_by_size); its factorization fails."""
     from svdcompress import compress as compress_module
 
-    original = compress_module._Compressor.factorize
+    original = compress_module.Compressor.factorize
 
     def factorize(self, name, stats):
         if name == FAILING and distributed.rank() == 1:
             raise CalibrationError(f"{name}: factorization produced NaN/inf (degenerate statistics).")
         return original(self, name, stats)
 
-    compress_module._Compressor.factorize = factorize
+    compress_module.Compressor.factorize = factorize
     try:
         compress_(make_tiny_model("llama"), WhitenConfig(param_ratio=0.5, calib_batch_size=2),
                   _windows())
     finally:
-        compress_module._Compressor.factorize = original
+        compress_module.Compressor.factorize = original
 
 
 FAILING = "model.layers.1.mlp.gate_proj"

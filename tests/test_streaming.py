@@ -312,7 +312,7 @@ def test_block_statistics_are_shared_exact_and_stop_at_the_last_target(tiny_llam
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     modules = {n: block.get_submodule(n) for n in names}
-    calls = calibration._capture_first_block_inputs(tiny_llama, block, list(tiny_windows.split(2)))
+    calls = calibration.capture_block_inputs(tiny_llama, block, list(tiny_windows.split(2)))
     expected = {n: 0 for n in names}
     ran_after_down = []
 
@@ -324,9 +324,9 @@ def test_block_statistics_are_shared_exact_and_stop_at_the_last_target(tiny_llam
 
     with calibration.forward_hooks({m: record(n) for n, m in modules.items()}), torch.no_grad():
         for call in calls:
-            calibration._run_block(block, call, call.hidden)
+            calibration.run_block(block, call, call.hidden)
     with calibration.forward_hooks({block.mlp.down_proj: lambda *a: ran_after_down.append(1)}):
-        stats, _ = calibration._gather_block_stats(block, modules, calls, [c.hidden for c in calls], None)
+        stats, _ = calibration.gather_block_stats(block, modules, calls, [c.hidden for c in calls], None)
     assert ran_after_down == []  # down_proj's own product was never computed
     assert stats["self_attn.q_proj"].gram is stats["self_attn.v_proj"].gram
     assert stats["mlp.gate_proj"].gram is stats["mlp.up_proj"].gram
