@@ -24,6 +24,7 @@ from svdcompress.pipelines import (
     DEFAULT_DATA,
     DEFAULT_SEED,
     DEFAULT_SEQ_LEN,
+    DEFAULT_STORAGE,
     DEFAULT_WINDOWS,
 )
 
@@ -38,7 +39,7 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
     """Compress ``model`` (alias, folder, .gguf or hub id) with ``config`` and save it to ``out``.
 
     ``config``: a :class:`~svdcompress.config.CompressionConfig` (default ``WhitenConfig(param_ratio
-    =0.8)``); its ``seed`` picks the calibration windows. ``allocate=True`` spends ``config``'s
+    =0.8, storage="pivoted")``, as the command line's); its ``seed`` picks the calibration windows. ``allocate=True`` spends ``config``'s
     ``param_ratio`` (or ``byte_budget``) as a global budget over ranks chosen from measured
     sensitivity. ``options`` go to the command's pipeline (``error_report``, ``stream``,
     ``max_memory``, ``recipe``). Returns the summary the command prints.
@@ -46,7 +47,7 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
     from svdcompress.config import WhitenConfig
     from svdcompress.pipelines.compress import allocation_options, run_compress
 
-    config = config if config is not None else WhitenConfig(param_ratio=0.8)
+    config = config if config is not None else WhitenConfig(param_ratio=0.8, storage=DEFAULT_STORAGE)
     allocation = allocation_options(allocate, Path(analysis_dir) if analysis_dir else None,
                                      byte_budget)
     return run_compress(model, config, Path(out), calib=data, calib_samples=windows,

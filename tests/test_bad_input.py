@@ -146,7 +146,7 @@ CLI_ROWS = [
     ("rank-ratio-above-one", [*COMPRESS, "--rank-ratio", "1.2"], "outside (0, 1]", None),
     ("rank-zero", [*COMPRESS, "--rank", "0"], "positive integer", None),
     ("rank-beyond-matrix", [*COMPRESS, "--rank", "500"], "exceeds min(out, in)", None),
-    ("rank-saves-nothing", [*COMPRESS, "--rank", "40"], "storage='dense'", None),
+    ("rank-saves-nothing", [*COMPRESS, "--rank", "40", "--storage", "factored"], "storage='dense'", None),
     ("two-ratios", [*COMPRESS, "--rank", "4", "--param-ratio", "0.5"], "one of", None),
     # targets and patterns
     ("unknown-method", [*COMPRESS, "--method", "magic"], "unknown method 'magic'", None),

@@ -39,9 +39,16 @@ def _windows(n: int = 8) -> torch.Tensor:
 
 
 def _factors(model) -> dict[str, torch.Tensor]:
-    return {f"{name}.{part}": getattr(module, part).detach().clone()
-            for name, module in model.named_modules() if isinstance(module, LowRankLinear)
-            for part in ("left", "right")}
+    """Each low-rank module's stored matrices; pivoted modules by their product (a column
+    permutation chosen on factors equal to float tolerance may break a near-tie another way)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear) and module.storage == "pivoted":
+            found[f"{name}.product"] = module.dense_weight().detach().clone()
+        elif isinstance(module, LowRankLinear):
+            found.update({f"{name}.{part}": module.matrix(part).detach().clone()
+                          for part in module.matrix_names})
+    return found
 
 
 def _student():

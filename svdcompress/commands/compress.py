@@ -27,6 +27,7 @@ from svdcompress.config import (
     preset,
 )
 from svdcompress.errors import ConfigError
+from svdcompress.pipelines import DEFAULT_STORAGE
 from svdcompress.pipelines.compress import allocation_options, run_compress
 from svdcompress.recipe import recipe_data
 
@@ -60,7 +61,9 @@ def build_config(
 ) -> CompressionConfig:
     """A config from (in order of precedence) explicit flags, a preset or recipe, and defaults.
 
-    ``flags`` holds config fields; ``None`` means "not given". Without any ratio, param_ratio=0.8.
+    ``flags`` holds config fields; ``None`` means "not given". Without any ratio, param_ratio=0.8;
+    without a recipe, preset or ``storage``, storage is ``pivoted`` (the same rank-r product as two
+    factors in fewer numbers, so a budget buys higher ranks).
     """
     if recipe is not None and preset_name is not None:
         raise ConfigError("give either --recipe or --preset, not both.")
@@ -69,8 +72,8 @@ def build_config(
         base = load_recipe(recipe).to_dict()
     elif preset_name is not None:
         base = preset(preset_name, method or "svd").to_dict()
-    else:
-        base = {"method": method or "whiten"}
+    else:  # the measured best training-free storage (BENCHMARKS.md, issue 14) unless --storage says
+        base = {"method": method or "whiten", "storage": DEFAULT_STORAGE}
     if method is not None:
         base["method"] = method
     if any(f in given for f in _RATIO_FIELDS):
@@ -117,7 +120,8 @@ def register(app: typer.Typer) -> None:
         exclude: Annotated[list[str] | None, typer.Option(help="patterns left uncompressed")] = None,
         rank_pattern: Annotated[list[str] | None, typer.Option(help="REGEX=RANK or REGEX=RATIO")] = None,
         storage: Annotated[str | None, typer.Option(
-            help="factored (saves), pivoted (the same product in fewer numbers: PIFA) or dense (denoise)")] = None,
+            help="pivoted (default: the rank-r product in r·(out+in−r) numbers, PIFA), factored "
+            "(two factors, r·(out+in)) or dense (the rank-r product kept dense: denoising, saves nothing)")] = None,
         update: Annotated[bool | None, typer.Option("--update/--no-update", help="LS update of left factor")] = None,
         quant_bits: Annotated[int | None, typer.Option(help="store factors as int8 per-row (8); default float")] = None,
         # --- issue 6: gradient refinement of each module's factors (svdcompress.refine) ---
