@@ -612,6 +612,7 @@ def compress_streaming(
     ``save_options`` are passed on to :func:`svdcompress.checkpoint.save` (command, data).
     """
     start = time.perf_counter()
+    _fix_mmap_threshold()
     source, out = Path(source), Path(out)
     calibration = as_calibration(calibration)
     run, targets, excluded = _start(source, config, out, calibration, dtype, max_memory, overwrite)
@@ -699,19 +700,34 @@ def _run_blocks(run: _Run, targets: list[Target], calibration: Calibration | Non
 
 
 @functools.cache
-def _libc_malloc_trim():
+def _glibc():
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)  # glibc only
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def _fix_mmap_threshold() -> None:
+    """Allocations of 4 MiB and more (every hidden-state batch, Gram, factor and weight of a large
+    block) get pages of their own, which go back to the system when freed. Otherwise glibc raises its
+    mmap threshold to 32 MiB after the first large free and serves such tensors from its heap, where
+    their holes make one block's peak exceed what it holds: the peak RSS crept up by ~90 MiB a
+    block on TinyLlama's shape (BENCHMARKS.md, issue 12). A fixed threshold ends the adjustment."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _trim_heap() -> None:
     """Give freed heap back to the system after a block. glibc keeps what a block's large
     temporaries freed in its arenas, so without this the process's RSS creeps up block by block
     although nothing is held (BENCHMARKS.md, issue 12); elsewhere there is nothing to do."""
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _peak_rss_mb() -> float:
