@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "SUPPORTED_QUANT_BITS",
@@ -137,6 +138,13 @@ class PivotedFactors:
         return columns[:, torch.argsort(self.permutation)]
 
 
+def _scipy_threads():
+    """scipy's LAPACK on as many threads as torch uses: its own OpenBLAS ignores
+    ``torch.set_num_threads`` and, on a busy 2-core machine, spun two threads at 8× the CPU time
+    of one (BENCHMARKS.md, issue 12 compression time)."""
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
 def pivot_factors(left: torch.Tensor, right: torch.Tensor) -> PivotedFactors:
     """PIFA (Zhao et al. 2025): the same product as ``left @ right`` with r input columns pivoted.
 
@@ -148,13 +156,14 @@ def pivot_factors(left: torch.Tensor, right: torch.Tensor) -> PivotedFactors:
     """
     rank = right.shape[0]
     left64, right64 = left.double().cpu(), right.double().cpu()
-    triangle, pivots = scipy.linalg.qr(right64.numpy(), mode="r", pivoting=True)  # R P = Q T
-    # R₁⁻¹R₂ = T₁⁻¹T₂, since R₁ = Q T₁ and R₂ = Q T₂: one triangular solve, no Q needed.
-    diagonal = np.abs(np.diag(triangle[:, :rank]))
-    if diagonal.min() > 1e-12 * max(diagonal.max(), 1e-300):
-        coupling = scipy.linalg.solve_triangular(triangle[:, :rank], triangle[:, rank:])
-    else:
-        coupling = scipy.linalg.lstsq(triangle[:, :rank], triangle[:, rank:], lapack_driver="gelsd")[0]
+    with _scipy_threads():
+        triangle, pivots = scipy.linalg.qr(right64.numpy(), mode="r", pivoting=True)  # R P = Q T
+        # R₁⁻¹R₂ = T₁⁻¹T₂, since R₁ = Q T₁ and R₂ = Q T₂: one triangular solve, no Q needed.
+        diagonal = np.abs(np.diag(triangle[:, :rank]))
+        if diagonal.min() > 1e-12 * max(diagonal.max(), 1e-300):
+            coupling = scipy.linalg.solve_triangular(triangle[:, :rank], triangle[:, rank:])
+        else:
+            coupling = scipy.linalg.lstsq(triangle[:, :rank], triangle[:, rank:], lapack_driver="gelsd")[0]
     permutation = torch.from_numpy(pivots.astype(np.int64))
     return PivotedFactors(
         (left64 @ right64[:, permutation[:rank]]).to(left.device),
@@ -246,8 +255,9 @@ def _gram_eigen(gram: torch.Tensor, rel_floor: float) -> _GramEigen:
         symmetrize_(work)
         diagonal = work.diagonal().clone()
         try:  # a symmetric C-ordered matrix is the Fortran-ordered array LAPACK works on in place
-            eigvals, eigvecs = scipy.linalg.eigh(work.numpy().T, lower=True, driver="evr",
-                                                 overwrite_a=True, check_finite=False)
+            with _scipy_threads():
+                eigvals, eigvecs = scipy.linalg.eigh(work.numpy().T, lower=True, driver="evr",
+                                                     overwrite_a=True, check_finite=False)
         finally:
             symmetrize_(work)  # the strict lower triangle was not touched
             work.diagonal().copy_(diagonal)
