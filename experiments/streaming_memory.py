@@ -6,7 +6,7 @@ the whole process, as the kernel counts it), so one run's memory never hides in 
     python experiments/streaming_memory.py stream  MODEL --method whiten --blocks 2 --out DIR
     python experiments/streaming_memory.py memory  MODEL --method whiten --blocks 1
     python experiments/streaming_memory.py sample PID NAME  # RSS of a running worker, every 5 s
-    python experiments/streaming_memory.py collect          # all logs -> results JSON
+    python experiments/streaming_memory.py collect          # logs -> results JSON (older entries kept)
 
 ``stream`` compresses the first ``--blocks`` decoder blocks block by block (the run stops there; a
 rerun without ``--blocks`` would resume and finish it). ``memory`` loads the whole model as
@@ -162,7 +162,9 @@ def _parse(log: Path) -> dict:
 def collect() -> None:
     from svdcompress.provenance import write_results
 
-    runs = {log.stem: _parse(log) for log in sorted(LOGS.glob("*.log"))}
+    # Runs whose logs are gone (runs/ is never committed; another machine) keep their recorded entry.
+    runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
+    runs.update({log.stem: _parse(log) for log in sorted(LOGS.glob("*.log"))})
     write_results(RESULTS, {"runs": runs})
     for name, run in runs.items():
         print(f"{name}: max RSS {run['max_rss_mb']} MB, {run['result']}")
