@@ -171,7 +171,9 @@ def register(app: typer.Typer) -> None:
                 param_ratio=param_ratio, rank_ratio=rank_ratio, rank=rank,
                 targets=split_list(targets), exclude=split_list(exclude),
                 rank_pattern=_parse_rank_pattern(rank_pattern) if rank_pattern else None,
-                storage=storage, update=update, seed=seed if _given(ctx, "seed") else None,
+                # The byte allocator's INT8 options price factored storage only.
+                storage=storage or ("factored" if int8_options else None), update=update,
+                seed=seed if _given(ctx, "seed") else None,
                 quant_bits=quant_bits,
                 refine_iters=refine_iters, refine_lr=refine_lr,
                 **_importance_flags(method, importance_mode),
