@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 # The main job: compress the default model with the sensitivity-allocated ranks for 80 % of the
 # decoder linear parameters in pivoted storage (the best training-free configuration measured,
 # BENCHMARKS.md "Issue 14: training-free quality frontier"; a recipe `svdcompress analyze --storage
-# pivoted` wrote), then measure it side by side with the original on held-out text. About half an
-# hour on 2 busy CPU cores (17 min compression, 11 min evaluation, measured with other jobs beside it).
+# pivoted` wrote), then measure it side by side with the original on held-out text. 14 minutes on
+# 2 idle CPU cores once set up (5 min compression, 9 min evaluation; measured 2026-12-03).
 DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p80-pivoted
 demo: setup
 	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.80-pivoted.json \
