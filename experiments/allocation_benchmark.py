@@ -133,6 +133,22 @@ def _run(name, variant, ratio, original, tokenizer, calibration, data, analysis,
     gc.collect()
 
 
+def start_run(args) -> None:
+    """Logging, ``--threads`` and the output folder, as every issue 5/14 script starts."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def calibration_windows(tokenizer, args) -> Calibration:
+    """``args.calib_samples`` wiki/calib windows (seed 0) under the source string `svdcompress
+    compress` gives them, so the CLI and every script reuse one cached analysis folder."""
+    windows = token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,
+                            n_samples=args.calib_samples, seed=0)
+    return Calibration(windows, f"wiki:calib seq_len={args.seq_len} n={args.calib_samples} seed=0")
+
+
 def _data(tokenizer, args) -> dict:
     windows = {name: token_windows(tokenizer, name, "eval", seq_len=args.seq_len,
                                    n_samples=args.eval_samples, seed=0) for name in ("wiki", "sotu")}
@@ -141,15 +157,9 @@ def _data(tokenizer, args) -> dict:
 
 def main() -> None:
     args = _args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     model, tokenizer = load_model(args.model)
-    windows = token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,
-                            n_samples=args.calib_samples, seed=0)
-    # The same source string as `svdcompress compress`, so the CLI reuses this analysis folder.
-    calibration = Calibration(windows, f"wiki:calib seq_len={args.seq_len} n={args.calib_samples} seed=0")
+    calibration = calibration_windows(tokenizer, args)
     analysis = analyze(model, calibration, args.out / "analysis",
                        probe_samples=args.probe_samples, probe_len=args.probe_len)
     logger.info("analysis: %.0f s for %d modules", analysis.seconds, len(analysis.modules))

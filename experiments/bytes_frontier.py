@@ -27,16 +27,15 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from allocation_benchmark import Results, _data, _evaluate
+from allocation_benchmark import Results, _data, _evaluate, calibration_windows, start_run
 
 from svdcompress import WhitenConfig, compress_, load_model
 from svdcompress.allocation import CostModel, allocate
 from svdcompress.analysis import analyze
 from svdcompress.calibration import Calibration
-from svdcompress.datasets import token_windows
 from svdcompress.int8_analysis import int8_sensitivity
 from svdcompress.modules import LowRankLinear, dense_weight
-from svdcompress.provenance import stamp_results, write_results
+from svdcompress.provenance import write_results
 from svdcompress.quantize import quantize_weights_, rtn_quantize_
 from svdcompress.targets import find_targets
 
@@ -178,10 +177,7 @@ def _allocated(budget: int, original, tokenizer, calibration, data, analysis, in
 
 def main() -> None:
     args = _args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     results = Results(args.out / "results.json")
     if args.outputs_only:
         _write_outputs(results.data, args.out)
@@ -203,17 +199,14 @@ def main() -> None:
             results.add(name, _baseline(name, model, tokenizer, data, fp32_bytes))
             logger.info("%s: %s", name, results.data["runs"][name])
             _write_outputs(results.data, args.out)
-    windows = token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,
-                            n_samples=args.calib_samples, seed=0)
-    # The same source string as `svdcompress compress`, so the Issue 5 analysis folder is reused.
-    calibration = Calibration(windows, f"wiki:calib seq_len={args.seq_len} n={args.calib_samples} seed=0")
+    calibration = calibration_windows(tokenizer, args)
+    windows = calibration.windows
     analysis = analyze(model, calibration, args.analysis_dir)
     int8 = int8_sensitivity(model, calibration, analysis, args.out, min_rank=args.min_rank,
                             energies=args.int8_energies)
     compress_calibration = Calibration(windows[: args.compress_windows],
                                        f"wiki:calib seq_len={args.seq_len} first {args.compress_windows} of "
                                        f"n={args.calib_samples} seed=0")
-    stamp_results(args.out / "int8_sensitivity.json")
     # The baselines' exact bytes, then the grid; most telling first (each row takes many minutes).
     matched = [] if args.no_matched else [(f"allocated@{b}", results.data["runs"][b]["bytes"])
                                           for b in ("rtn4-g128", "int8-rtn", "rtn4-g32")]

@@ -36,13 +36,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from allocation_benchmark import Results, _data, _evaluate
+from allocation_benchmark import Results, _data, _evaluate, calibration_windows, start_run
 
 from svdcompress import WhitenConfig, compress_, load_model
 from svdcompress.allocation import allocate
 from svdcompress.analysis import analyze
-from svdcompress.calibration import Calibration
 from svdcompress.datasets import token_windows
 from svdcompress.evaluate import perplexity
 from svdcompress.provenance import write_results
@@ -141,15 +139,9 @@ def results_table(data: dict) -> str:
 
 def main() -> None:
     args = _args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     model, tokenizer = load_model(args.model)
-    windows = token_windows(tokenizer, "wiki", "calib", seq_len=args.seq_len,
-                            n_samples=args.calib_samples, seed=0)
-    # The same source string as issue 5's script, so its cached analysis matches (checked on load).
-    calibration = Calibration(windows, f"wiki:calib seq_len={args.seq_len} n={args.calib_samples} seed=0")
+    calibration = calibration_windows(tokenizer, args)
     analysis = analyze(model, calibration, args.analysis_dir,
                        probe_samples=args.probe_samples, probe_len=args.probe_len)
     results, data = Results(args.out / "results.json"), _data(tokenizer, args)

@@ -206,11 +206,12 @@ def int8_sensitivity(
     done = {} if path is None else _read_int8(path, analysis.fingerprint, energies)
     todo = [t for t in found if t.name not in done]
     start = time.perf_counter()
+    stamp = provenance() if path is not None and todo else None  # once: it asks git
 
     def save() -> None:
         if path is not None:
             atomic_write_json(path, {**Int8Sensitivity(analysis.fingerprint, done, energies=energies).to_dict(),
-                                     "provenance": provenance()})
+                                     "provenance": stamp})
 
     if todo and not energies:
         probe = build_probe(model, calibration.windows[: settings["probe_samples"], : settings["probe_len"]])
