@@ -14,7 +14,9 @@ Phases (each timed by wrapping the function that does it; the rest is "other"):
 - ``svds``: every ``torch.linalg.svd``;
 - ``factorize_other``: the rest of the whitened SVD (W·S, B·S⁻¹ products);
 - ``report``: the per-module report (weight and output errors);
-- ``propagation``: the second pass, the compressed block producing the next block's inputs.
+- ``propagation``: the second pass, the compressed block producing the next block's inputs (none
+  with ``--calibration-stream original``: the statistics pass runs the whole dense block and its
+  outputs are the next inputs).
 
     python experiments/compress_profile.py --threads 1 --name baseline --out experiments/results/compress_time
 """
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="calibration batch size, both passes")
     parser.add_argument("--param-ratio", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibration-stream", choices=["compressed", "original"], default="compressed",
+                        help="original: one-pass calibration (each block run once, by its statistics pass)")
     parser.add_argument("--name", required=True, help="the results file's name (the code variant)")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/compress_time"))
     parser.add_argument("--save-factors", type=Path, help="safetensors file of every module's factors")
@@ -142,7 +146,8 @@ def main() -> None:
     logger.info("forward pass: %.1f s wall, %.1f s CPU", forward_wall, forward_cpu)
 
     clock = PhaseClock()
-    config = WhitenConfig(param_ratio=args.param_ratio, calib_batch_size=args.batch)
+    config = WhitenConfig(param_ratio=args.param_ratio, calib_batch_size=args.batch,
+                          calibration_stream=args.calibration_stream)
     source = f"wiki:calib seq_len={args.seq_len} n={args.windows} seed=0"
     with contextlib.ExitStack() as stack:
         instrument(clock, stack)
@@ -154,7 +159,7 @@ def main() -> None:
                      "calls": clock.calls[name]} for name in sorted(clock.wall)}
     result = {
         "model": args.model, "threads": args.threads, "windows": args.windows, "seq_len": args.seq_len,
-        "batch": args.batch, "param_ratio": args.param_ratio,
+        "batch": args.batch, "param_ratio": args.param_ratio, "calibration_stream": args.calibration_stream,
         "forward": {"wall_seconds": round(forward_wall, 2), "cpu_seconds": round(forward_cpu, 2)},
         "compress": {"wall_seconds": round(compress_wall, 2), "cpu_seconds": round(compress_cpu, 2)},
         "ratio_wall": round(compress_wall / forward_wall, 3),

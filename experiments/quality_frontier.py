@@ -11,8 +11,12 @@ same held-out windows (wiki/eval and sotu/eval, 32 × 512 tokens; 300 facts of t
   allocation;
 - ``allocated-pivoted+blend`` (with ``--blend-grid``): the allocated pivoted ranks with
   ``WhitenConfig(error_blend=β)`` (cumulative-error-aware whitening, SAES-SVD's CEALC): β is chosen
-  at 0.8 by perplexity on other ``wiki/calib`` windows (seed 1; β = 0 is ``allocated-pivoted``),
-  never on the held-out windows, and the chosen β is then measured at every ratio.
+  at each ratio separately by perplexity on other ``wiki/calib`` windows (seed 1; β = 0 is
+  ``allocated-pivoted``), never on the held-out windows; only the chosen β is evaluated there (the
+  model that won the selection is evaluated as it is, not compressed again).
+- ``allocated-pivoted+one-pass`` (ablation): ``allocated-pivoted`` calibrated in one pass on the
+  original model's activations (``calibration_stream="original"``, issue 12's faster calibration)
+  instead of on the inputs of the model compressed so far.
 
 Ranks are chosen on calibration text only (wiki/calib, 64 × 512, seed 0): the allocator reads the
 sensitivity analysis that issue 5 cached in ``--analysis-dir`` (same model, same calibration
@@ -53,8 +57,8 @@ VARIANTS: dict[str, dict] = {
     "allocated-pivoted": {"storage": "pivoted", "allocated": True},
     "uniform-pivoted": {"storage": "pivoted", "allocated": False, "ratios": (0.8,)},
     "allocated-pivoted+blend": {"storage": "pivoted", "allocated": True, "blend": "selected"},
+    "allocated-pivoted+one-pass": {"storage": "pivoted", "allocated": True, "stream": "original"},
 }
-SELECTION_RATIO = 0.8
 
 
 def _args() -> argparse.Namespace:
@@ -82,7 +86,8 @@ def _args() -> argparse.Namespace:
 def _config(variant: str, ratio: float, analysis, blend: float = 0.0) -> tuple[WhitenConfig, float]:
     """The variant's config at ``ratio`` and the seconds its rank choice took."""
     spec = VARIANTS[variant]
-    base = WhitenConfig(param_ratio=ratio, storage=spec["storage"], error_blend=blend)
+    base = WhitenConfig(param_ratio=ratio, storage=spec["storage"], error_blend=blend,
+                        calibration_stream=spec.get("stream", "compressed"))
     if not spec["allocated"]:
         return base, 0.0
     start = time.perf_counter()
@@ -90,27 +95,42 @@ def _config(variant: str, ratio: float, analysis, blend: float = 0.0) -> tuple[W
     return allocation.to_config(base), time.perf_counter() - start
 
 
-def _run(name: str, variant: str, ratio: float, original, tokenizer, calibration, data, analysis,
-         results: Results, blend: float = 0.0) -> None:
+def _compressed(variant: str, ratio: float, original, calibration, analysis,
+                blend: float = 0.0) -> tuple[object, dict]:
+    """A compressed copy of ``original`` and its row so far (everything but the held-out scores)."""
     config, allocate_seconds = _config(variant, ratio, analysis, blend)
     model = copy.deepcopy(original)
     report = compress_(model, config, calibration)
     # compress_'s report lists the factored modules only; modules left dense count at full size.
     dense = sum(p.numel() for n in config.exclude for p in original.get_submodule(n).parameters())
-    entry = {
+    return model, {
         "variant": variant, "storage": config.storage, "param_ratio": ratio,
         "param_ratio_all_linears": (report.total("params_after") + dense)
         / (report.total("params_before") + dense),
         "model_params": report.model_params_after, "dense_modules": len(config.exclude),
         "compress_seconds": round(report.wall_seconds, 1),
         "allocate_seconds": round(allocate_seconds, 2), "error_blend": blend,
-        # Perplexity on other calibration-split windows: what β is selected on.
-        "select_ppl": perplexity(model, data["select"], progress=False).perplexity,
-        **_evaluate(model, tokenizer, data),
         "ranks": {m.name: m.rank for m in report.modules},
     }
+
+
+def _select_ppl(model, data) -> float:
+    """Perplexity on other calibration-split windows: what β is selected on."""
+    return perplexity(model, data["select"], progress=False).perplexity
+
+
+def _finish(name: str, model, entry: dict, tokenizer, data, results: Results) -> None:
+    if "select_ppl" not in entry:
+        entry = {**entry, "select_ppl": _select_ppl(model, data)}
+    entry = {**entry, **_evaluate(model, tokenizer, data)}
     results.add(name, entry)
     logger.info("%s: %s", name, {k: v for k, v in entry.items() if k != "ranks"})
+
+
+def _run(name: str, variant: str, ratio: float, original, tokenizer, calibration, data, analysis,
+         results: Results, blend: float = 0.0) -> None:
+    model, entry = _compressed(variant, ratio, original, calibration, analysis, blend)
+    _finish(name, model, entry, tokenizer, data, results)
     del model
     gc.collect()
 
@@ -159,35 +179,44 @@ def main() -> None:
                 _run(name, variant, ratio, model, tokenizer, calibration, data, analysis, results)
                 (args.out / "table.md").write_text(results_table(results.data))
     if args.blend_grid and "allocated-pivoted+blend" in args.variants:
-        blend = _select_blend(args, model, calibration, data, analysis, results)
-        for ratio in args.ratios if blend > 0 else ():
-            name = f"allocated-pivoted+blend@{ratio}"
-            if name not in results:
-                _run(name, "allocated-pivoted+blend", ratio, model, tokenizer, calibration, data,
-                     analysis, results, blend)
+        for ratio in args.ratios:
+            if f"allocated-pivoted+blend@{ratio}" not in results:
+                _blend_row(args, ratio, model, tokenizer, calibration, data, analysis, results)
                 (args.out / "table.md").write_text(results_table(results.data))
     (args.out / "table.md").write_text(results_table(results.data))
 
 
-def _select_blend(args, original, calibration, data, analysis, results: Results) -> float:
-    """β with the lowest perplexity on the selection windows (calibration split) at 0.8; each
-    try is stored in ``results.data["blend_selection"]`` as it finishes (so a rerun resumes)."""
-    tried = results.data.setdefault("blend_selection", {})
-    tried.setdefault("0.0", results.data["runs"][f"allocated-pivoted@{SELECTION_RATIO}"]["select_ppl"])
-    for blend in args.blend_grid:
-        if str(float(blend)) not in tried:
-            config, _ = _config("allocated-pivoted+blend", SELECTION_RATIO, analysis, blend)
-            model = copy.deepcopy(original)
-            compress_(model, config, calibration)
-            tried[str(float(blend))] = perplexity(model, data["select"], progress=False).perplexity
-            write_results(results.path, results.data)
-            logger.info("error_blend %s: selection perplexity %.3f", blend, tried[str(float(blend))])
-            del model
-            gc.collect()
+def _blend_row(args, ratio: float, original, tokenizer, calibration, data, analysis,
+               results: Results) -> None:
+    """Choose β at ``ratio`` on the selection windows and evaluate the winner on the held-out ones.
+
+    Each try is stored in ``results.data["blend_selection"][ratio]`` as it finishes (a rerun
+    resumes); β = 0 is the ``allocated-pivoted`` row's own selection perplexity. No row is added
+    when β = 0 wins: that row already exists."""
+    tried = results.data.setdefault("blend_selection", {}).setdefault(str(ratio), {})
+    tried.setdefault("0.0", results.data["runs"][f"allocated-pivoted@{ratio}"]["select_ppl"])
+    winner = None  # (β, model, entry) of the best try made in this process
+    for blend in map(float, args.blend_grid):
+        if str(blend) in tried:
+            continue
+        model, entry = _compressed("allocated-pivoted+blend", ratio, original, calibration, analysis, blend)
+        entry["select_ppl"] = tried[str(blend)] = _select_ppl(model, data)
+        write_results(results.path, results.data)
+        logger.info("error_blend %s at %s: selection perplexity %.3f", blend, ratio, entry["select_ppl"])
+        if entry["select_ppl"] <= min(tried.values()):
+            winner = (blend, model, entry)
+        del model
+        gc.collect()
     best = float(min(tried, key=tried.get))
-    results.data["selected_error_blend"] = best
-    logger.info("selected error_blend %s from %s", best, tried)
-    return best
+    logger.info("selected error_blend %s at %s from %s", best, ratio, tried)
+    if best == 0.0:
+        return
+    name = f"allocated-pivoted+blend@{ratio}"
+    if winner is not None and winner[0] == best:
+        _finish(name, winner[1], winner[2], tokenizer, data, results)
+    else:
+        _run(name, "allocated-pivoted+blend", ratio, original, tokenizer, calibration, data, analysis,
+             results, best)
 
 
 if __name__ == "__main__":

@@ -158,15 +158,22 @@ def gather_block_stats(
     calls: list[BlockCall],
     compressed: list[torch.Tensor],
     original: list[torch.Tensor] | None,
+    *,
+    keep_outputs: bool = False,
 ) -> tuple[dict[str, ModuleStats], list[torch.Tensor] | None]:
     """One pass over the batches: statistics for each target, and the original stream's next state.
 
     Targets fed the same tensor (q/k/v, gate/up) share one Gram matrix and one absolute sum
     (the same ``torch.Tensor`` objects in their ``ModuleStats``): computed once, held once.
+    ``keep_outputs`` (one-pass calibration, without an original stream): the whole block runs and
+    its outputs on ``compressed`` are returned in place of the original stream's next state;
+    otherwise the pass stops once every target has seen its input.
     """
+    if keep_outputs and original is not None:
+        raise ValueError("keep_outputs returns the outputs of the one stream; an original stream is given")
     stats: dict[str, ModuleStats] = {}
     original_inputs: dict[str, torch.Tensor] = {}
-    next_original: list[torch.Tensor] | None = [] if original is not None else None
+    next_original: list[torch.Tensor] | None = [] if original is not None or keep_outputs else None
     batch_cache: dict[tuple, tuple] = {}
     added: dict[int, tuple] = {}  # id of a shared Gram -> the input added to it in this batch
     seen: set[str] = set()
@@ -209,7 +216,7 @@ def gather_block_stats(
                 ogram = batch_cache[okey][0]
                 entry.original_gram = ogram.double() if entry.original_gram is None else entry.original_gram + ogram
             seen.add(name)
-            if len(seen) == len(modules):
+            if len(seen) == len(modules) and not keep_outputs:
                 raise _BlockStatisticsComplete
         return hook
 
@@ -224,7 +231,9 @@ def gather_block_stats(
             # Pre-hooks: the statistics need each target's input, never its output.
             with forward_hooks({m: accumulate(n) for n, m in modules.items()}, pre=True), \
                     contextlib.suppress(_BlockStatisticsComplete):
-                run_block(block, call, compressed[index])
+                outputs = run_block(block, call, compressed[index])
+                if keep_outputs:
+                    next_original.append(outputs)
             _check_sharers_ran(stats, seen)
             original_inputs.clear()
     for name, module in modules.items():  # a target no batch reached (never so in a dense block)
@@ -264,12 +273,17 @@ def run_sequential(
     *,
     batch_size: int = 4,
     track_original: bool = False,
+    one_pass: bool = False,
 ) -> None:
     """Gather per-target statistics block by block and call ``compress_block`` for each block.
 
     ``compress_block(index, stats)`` must replace the block's targets in place; the block's new
-    outputs then become the next block's inputs.
+    outputs then become the next block's inputs. ``one_pass``: the block's outputs *before*
+    compression do (every statistic is then the original model's, as SVD-LLM calibrates; each block
+    runs once instead of twice).
     """
+    if one_pass and track_original:
+        raise ValueError("one_pass calibration has no compressed stream to track beside the original")
     _, blocks = decoder_blocks(model)
     by_block: dict[int, list[Target]] = {}
     for target in targets:
@@ -284,16 +298,20 @@ def run_sequential(
     with torch.no_grad():
         for index in progress:
             block = blocks[index]
+            outputs = None  # the block's outputs, when its statistics pass already made them
             if index in by_block:
                 modules = {t.name: model.get_submodule(t.name) for t in by_block[index]}
-                stats, next_original = gather_block_stats(block, modules, calls, compressed, original)
+                keep = one_pass and index < last_block
+                stats, after = gather_block_stats(block, modules, calls, compressed, original, keep_outputs=keep)
+                outputs, next_original = (after, None) if keep else (None, after)
                 distributed.reduce_stats(stats)
                 compress_block(index, stats)
                 del stats
             elif original is not None:
                 next_original = [run_block(block, c, h) for c, h in zip(calls, original, strict=True)]
             if index < last_block:  # the last compressed block's outputs feed nothing we measure
-                compressed = [run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
+                compressed = outputs if outputs is not None else [
+                    run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
                 if original is not None:
                     original = next_original
     logger.info("calibrated %d blocks on %d tokens", last_block + 1, calibration.n_tokens)

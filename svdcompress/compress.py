@@ -371,7 +371,8 @@ def compress_(
                 sizes)
 
         run_sequential(model, targets, calibration, compress_block,
-                       batch_size=config.calib_batch_size, track_original=config.tracks_original)
+                       batch_size=config.calib_batch_size, track_original=config.tracks_original,
+                       one_pass=config.calibration_stream == "original")
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,

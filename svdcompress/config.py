@@ -46,6 +46,10 @@ __all__ = [
 
 FORMAT_VERSION = 1
 STORAGES = ("factored", "pivoted", "dense")
+CALIBRATION_STREAMS = ("compressed", "original")
+_ONE_STREAM = ("{what} fits each layer to the original model's outputs on the compressed model's "
+               "inputs; calibration_stream='original' computes only the first. Use "
+               "calibration_stream='compressed' (the default) with it.")
 _CONFIG_TYPES: dict[str, type[CompressionConfig]] = {}
 
 
@@ -87,6 +91,12 @@ class CompressionConfig:
         default=False, metadata={"help": "closed-form least-squares update of the left factor"}
     )
     calib_batch_size: int = field(default=4, metadata={"help": "windows per calibration batch"})
+    calibration_stream: Literal["compressed", "original"] = field(
+        default="compressed",
+        metadata={"help": "compressed: each block's statistics on the inputs the model compressed "
+                  "so far feeds it (later blocks see, and adapt to, earlier blocks' errors); original: "
+                  "on the original model's inputs, every block run once (SVD-LLM's protocol: faster)"},
+    )
     seed: int = 0
     refine_iters: int = field(
         default=0,
@@ -136,6 +146,11 @@ class CompressionConfig:
             _check_pattern_value(pattern, value)
         if self.calib_batch_size < 1:
             raise ConfigError(f"calib_batch_size={self.calib_batch_size} must be >= 1.")
+        if self.calibration_stream not in CALIBRATION_STREAMS:
+            raise ConfigError(f"calibration_stream={self.calibration_stream!r}: use one of "
+                              f"{', '.join(CALIBRATION_STREAMS)}.")
+        if self.update and self.calibration_stream == "original":
+            raise ConfigError(_ONE_STREAM.format(what="update=True"))
         check_quant_bits(self.quant_bits)
         self.dense_int8 = _as_tuple(self.dense_int8, "dense_int8")
         _check_quant_pattern(self.quant_pattern, self.dense_int8)
@@ -251,6 +266,8 @@ class WhitenConfig(CompressionConfig):
         blend = self.error_blend
         if isinstance(blend, bool) or not isinstance(blend, int | float) or not 0.0 <= blend <= 1.0:
             raise ConfigError(f"error_blend={blend!r} must be a number in [0, 1] (0: plain whitening).")
+        if blend > 0 and self.calibration_stream == "original":
+            raise ConfigError(_ONE_STREAM.format(what=f"error_blend={blend}"))
 
     @property
     def tracks_original(self) -> bool:

@@ -544,6 +544,22 @@ def _resume_streams(run: _Run, index: int) -> tuple[_Stream, _Stream | None]:
     return compressed, original
 
 
+def _write_outputs(run: _Run, index: int, batches: Iterator[torch.Tensor],
+                   next_original: Iterator[torch.Tensor] | None) -> tuple[_Stream, _Stream | None]:
+    """Block ``index``'s output streams, written whole to a partial folder and then renamed."""
+    folder = run.work.hidden(index).with_name(run.work.hidden(index).name + ".partial")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    outputs = (_Stream.write(folder, "compressed", batches, run.spill),
+               None if next_original is None else _Stream.write(folder, "original", iter(next_original), run.spill))
+    shutil.rmtree(run.work.hidden(index), ignore_errors=True)  # a run killed before its marker
+    os.replace(folder, run.work.hidden(index))
+    for stream in outputs:
+        if stream is not None:
+            stream.folder = run.work.hidden(index)
+    return outputs
+
+
 def _process_block(run: _Run, index: int, targets: list[Target], calls: list, compressed, original,
                    feeds_next: bool):
     """Read block ``index``, compress its targets, commit it; returns the next block's inputs."""
@@ -551,12 +567,22 @@ def _process_block(run: _Run, index: int, targets: list[Target], calls: list, co
     _materialize(run.model, names, run.reader, run.dtype, {})
     first_report = len(run.compressor.reports)
     next_original = None
+    outputs = None
+    one_pass = run.config.calibration_stream == "original" and feeds_next
     with torch.no_grad():
         if targets:
             check_finite(run.model, targets)
             modules = {t.name: run.model.get_submodule(t.name) for t in targets}
             if calls:
-                stats, next_original = gather_block_stats(block, modules, calls, compressed, original)
+                if one_pass and run.spill:  # outputs kept on disk, not in memory: written before compressing
+                    outputs = _write_outputs(run, index, (run_block(block, c, compressed[j])
+                                                          for j, c in enumerate(calls)), None)
+                keep = one_pass and not run.spill
+                stats, after = gather_block_stats(block, modules, calls, compressed, original, keep_outputs=keep)
+                if keep:  # the dense block's outputs, made by the statistics pass itself
+                    outputs = _write_outputs(run, index, iter(after), None)
+                else:
+                    next_original = after
                 for name in list(stats):  # each module's statistics go as soon as it is done
                     run.compressor.compress_module(name, stats.pop(name))
             else:
@@ -564,19 +590,9 @@ def _process_block(run: _Run, index: int, targets: list[Target], calls: list, co
                     run.compressor.compress_module(name, None)
         elif original is not None and feeds_next:
             next_original = (run_block(block, c, h) for c, h in zip(calls, original, strict=True))
-        outputs = None
-        if feeds_next:
-            folder = run.work.hidden(index).with_name(run.work.hidden(index).name + ".partial")
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            batches = (run_block(block, c, compressed[j]) for j, c in enumerate(calls))
-            outputs = (_Stream.write(folder, "compressed", batches, run.spill),
-                       None if original is None else _Stream.write(folder, "original", iter(next_original), run.spill))
-            shutil.rmtree(run.work.hidden(index), ignore_errors=True)  # a run killed before its marker
-            os.replace(folder, run.work.hidden(index))
-            for stream in outputs:
-                if stream is not None:
-                    stream.folder = run.work.hidden(index)
+        if feeds_next and outputs is None:
+            outputs = _write_outputs(run, index, (run_block(block, c, compressed[j]) for j, c in enumerate(calls)),
+                                     next_original)
     tensors = {prefix + k: v for k, v in block.state_dict().items()}
     new_reports = run.compressor.reports[first_report:]
     lines = {"reports": [asdict(r) for r in new_reports],
