@@ -6,6 +6,10 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
 
 - ``dequant``: cast ``q`` to the activation dtype per call, matmul, scale the outputs. Weight-only:
   matches the dequantized reference to float rounding. Works on any device and dtype.
+- ``dequant_serial``: ``dequant``, but an input of at most ``SERIAL_ROWS`` rows (decode: one row
+  per sequence) is cast, multiplied and scaled on one thread. At decode sizes each cast is an
+  OpenMP fork/join whose second thread mostly waits, and the memory-bound matmuls gain little
+  from it (BENCHMARKS.md, issue 14); prefill-sized inputs keep every thread.
 - ``int_mm``: quantize each activation row (token) to int8 on the fly, ``torch._int_mm`` (int32
   accumulation), rescale by the two scales. Adds activation-quantization error.
 - ``fbgemm``: ``torch.ops.quantized.linear_dynamic`` on weights packed once (per-channel qint8):
@@ -61,8 +65,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Kernel = Literal["auto", "dequant", "int_mm", "fbgemm", "int8pack", "float_cache"]
-KERNELS: tuple[str, ...] = ("auto", "dequant", "int_mm", "fbgemm", "int8pack", "float_cache")
+Kernel = Literal["auto", "dequant", "dequant_serial", "int_mm", "fbgemm", "int8pack", "float_cache"]
+KERNELS: tuple[str, ...] = ("auto", "dequant", "dequant_serial", "int_mm", "fbgemm", "int8pack", "float_cache")
+SERIAL_ROWS = 16  # dequant_serial: inputs of at most this many rows run on one thread
+
+
+class _OneThread:
+    """torch's intra-op threads set to one inside the block (OpenMP's setting is the calling
+    thread's own, so other Python threads are unaffected); ~0.4 µs a switch and back."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *_exc) -> None:
+        torch.set_num_threads(self.threads)
 
 
 @functools.cache
@@ -203,6 +220,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
         kernel = "dequant"
     if kernel == "dequant":
         return _dequant(x, q, scale)
+    if kernel == "dequant_serial":
+        if x.device.type != "cpu" or x.numel() > SERIAL_ROWS * x.shape[-1] or torch.get_num_threads() == 1:
+            return _dequant(x, q, scale)
+        with _OneThread():
+            return _dequant(x, q, scale)
     if kernel == "int_mm":
         return _int_mm(x, q, scale)
     if kernel == "int8pack":

@@ -13,13 +13,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdcompress as sc
+from svdcompress import runtime
 from svdcompress.errors import CheckpointError, ConfigError, QuantizationError
 from svdcompress.linalg import dequantize, quantize_symmetric, sqnr_db, truncated_svd
 from svdcompress.modules import LowRankLinear
 from svdcompress.quantize import quantize_factors_, quantize_weights_
 from svdcompress.runtime import available_kernels, set_runtime
 
-EXACT_KERNELS = ["dequant", "int8pack", "float_cache"]  # weight-only: equal to the dequantized reference
+EXACT_KERNELS = ["dequant", "dequant_serial", "int8pack", "float_cache"]  # weight-only: equal to the dequantized reference
 ACT_KERNELS = ["int_mm", "fbgemm"]  # also quantize activations: small extra error
 
 
@@ -127,6 +128,25 @@ def test_int8_kernels_match_dequantized_reference(storage, kernel):
         tolerance = 1e-5 if kernel in EXACT_KERNELS else 3e-2  # activation rounding ≈ 1% per matmul
         assert _rel(y, expected) < tolerance, kernel
         assert _rel(y, float_module(x).detach()) < 5e-2  # and close to the float factors
+
+
+def test_dequant_serial_runs_decode_sized_inputs_on_one_thread(monkeypatch):
+    """Threads seen by the casts: one for ≤ SERIAL_ROWS rows, all of them above; restored after."""
+    module, _ = _int8_module("factored")
+    module.kernel = "dequant_serial"
+    seen = []
+    original_dequant = runtime._dequant
+    monkeypatch.setattr(runtime, "_dequant", lambda *a: seen.append(torch.get_num_threads()) or original_dequant(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            module(torch.randn(runtime.SERIAL_ROWS, 48))
+            assert seen == [1, 1] and torch.get_num_threads() == 2
+            module(torch.randn(2, runtime.SERIAL_ROWS, 48))  # prefill-sized: every thread
+            assert seen[2:] == [2, 2]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kernels_that_need_float32_cpu_say_so():
