@@ -96,9 +96,10 @@ class Int8Sensitivity:
                 "modules": {name: asdict(m) for name, m in self.modules.items()}}
 
 
-def _read_int8(path: Path, fingerprint: str, energies: bool) -> dict[str, ModuleInt8]:
+def _read_int8(path: Path, fingerprint: str, energies: bool) -> tuple[dict[str, ModuleInt8], float]:
+    """The cached modules and the seconds spent measuring them (over every run that added some)."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -110,7 +111,8 @@ def _read_int8(path: Path, fingerprint: str, energies: bool) -> dict[str, Module
     if data.get("energies", True) != energies:
         raise AnalysisError(f"{path} was measured with energies={not energies}; delete it to "
                             f"measure again with energies={energies}.")
-    return {name: ModuleInt8.from_dict(m) for name, m in data["modules"].items()}
+    return ({name: ModuleInt8.from_dict(m) for name, m in data["modules"].items()},
+            float(data.get("seconds", 0.0)))
 
 
 def _int8_round_trip(matrix: torch.Tensor) -> torch.Tensor:
@@ -203,14 +205,18 @@ def int8_sensitivity(
     found = find_targets(model, tuple(settings["targets"]), ())
     _check_same_calibration(found, calibration, analysis)
     path = None if out_dir is None else Path(out_dir) / INT8_FILE
-    done = {} if path is None else _read_int8(path, analysis.fingerprint, energies)
+    done, earlier_seconds = ({}, 0.0) if path is None else _read_int8(path, analysis.fingerprint, energies)
     todo = [t for t in found if t.name not in done]
     start = time.perf_counter()
+
+    def seconds() -> float:
+        return earlier_seconds + time.perf_counter() - start
+
     stamp = provenance() if path is not None and todo else None  # once: it asks git
 
     def save() -> None:
         if path is not None:
-            atomic_write_json(path, {**Int8Sensitivity(analysis.fingerprint, done, energies=energies).to_dict(),
+            atomic_write_json(path, {**Int8Sensitivity(analysis.fingerprint, done, seconds(), energies).to_dict(),
                                      "provenance": stamp})
 
     if todo and not energies:
@@ -230,5 +236,4 @@ def int8_sensitivity(
             logger.info("int8 sensitivity: block %d (%.0f s)", index, time.perf_counter() - start)
 
         run_sequential(model, todo, calibration, per_block, batch_size=batch_size)
-    return Int8Sensitivity(analysis.fingerprint, {t.name: done[t.name] for t in found},
-                           time.perf_counter() - start, energies)
+    return Int8Sensitivity(analysis.fingerprint, {t.name: done[t.name] for t in found}, seconds(), energies)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -205,6 +206,9 @@ def test_int8_sensitivity_resumes_and_refuses_other_windows(tiny_llama, tiny_win
     monkeypatch.setattr(int8_analysis, "_measure_int8", lambda *a, **k: pytest.fail("not resumed"))
     again = int8_sensitivity(tiny_llama, tiny_windows, analysis, tmp_path)
     assert again.modules == first.modules
+    # the time measuring them took is kept, not reset by a run that only read the cache
+    saved = json.loads((tmp_path / INT8_FILE).read_text())["seconds"]
+    assert 0 < saved <= first.seconds + 0.01 and again.seconds >= saved
     with pytest.raises(AnalysisError, match="calibration windows"):
         int8_sensitivity(tiny_llama, tiny_windows.flip(0), analysis, tmp_path)
 
