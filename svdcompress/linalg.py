@@ -388,14 +388,19 @@ def relative_weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """‖(W − W')X‖_F / ‖W X‖_F computed from the Gram matrix G = XᵀX alone."""
-    gram = gram.double()
+    """‖(W − W')X‖_F / ‖W X‖_F computed from the Gram matrix G = XᵀX alone.
+
+    The products run in float32 (half the time of float64; it is a report), on a difference formed
+    in float64 first, so their rounding is relative to the error itself, not to W; sums in float64.
+    """
+    gram = gram.float()
     num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
     for start in range(0, weight.shape[0], _ERROR_ROWS):
         rows = weight[start:start + _ERROR_ROWS].double()
-        diff = rows - approx[start:start + _ERROR_ROWS].double()
-        num = num + torch.einsum("oi,ij,oj->", diff, gram, diff)
-        den = den + torch.einsum("oi,ij,oj->", rows, gram, rows)
+        diff = (rows - approx[start:start + _ERROR_ROWS].double()).float()
+        rows = rows.float()
+        num = num + ((diff @ gram) * diff).sum(dtype=torch.float64)
+        den = den + ((rows @ gram) * rows).sum(dtype=torch.float64)
     return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().item()
 
 
