@@ -1,8 +1,8 @@
 """Issue 14: decode and prefill speed of an INT8 factored model against dense, per thread count.
 
-One process loads the dense model and the compressed checkpoint once, then, for each round, for
+One process loads the dense model and the compressed checkpoints once, then, for each round, for
 each thread count (``torch.set_num_threads``), measures every variant in turn: dense float32, and
-the int8 checkpoint with each ``--kernels`` entry (``runtime.set_runtime`` switches the same
+each int8 checkpoint with each ``--kernels`` entry (``runtime.set_runtime`` switches the same
 model). Variants and thread counts are interleaved inside each round, so all of them share the
 machine's background load, and each ratio to dense is taken within one round and one thread
 count. The timing functions are ``svdcompress.bench``'s (prefill = one forward of
@@ -36,7 +36,7 @@ logger = logging.getLogger("speed_threads")
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dense")
-    parser.add_argument("compressed")
+    parser.add_argument("compressed", nargs="+", help="int8 checkpoints (several: each is a variant per kernel)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--kernels", nargs="+", default=["dequant", "float_cache"])
     parser.add_argument("--rounds", type=int, default=3)
@@ -79,11 +79,14 @@ def _profile(model, steps: int) -> dict:
             "top": [{"op": k, "self_s": v, "share": v / wall} for k, v in top]}
 
 
-def _variants(dense, compressed, kernels):
+def _variants(dense, compressed: dict, kernels):
+    """(name, model) pairs: dense, then every checkpoint with every kernel (``folder/kernel`` when
+    there are several checkpoints)."""
     yield "dense", dense
-    for kernel in kernels:
-        set_runtime(compressed, kernel)
-        yield kernel, compressed
+    for label, model in compressed.items():
+        for kernel in kernels:
+            set_runtime(model, kernel)
+            yield (kernel if len(compressed) == 1 else f"{label}/{kernel}"), model
 
 
 def _summary(samples: dict, ratios: dict) -> list[dict]:
@@ -102,7 +105,8 @@ def _summary(samples: dict, ratios: dict) -> list[dict]:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _args()
-    dense, compressed = _load(args.dense), _load(args.compressed)
+    dense = _load(args.dense)
+    compressed = {Path(c).name: _load(c) for c in args.compressed}
     samples: dict[tuple, list[float]] = {}
     ratios: dict[tuple, list[float]] = {}
     loads = [os.getloadavg()[0]]
@@ -130,14 +134,16 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 for name, model in _variants(dense, compressed, args.kernels):
                     profiles[f"{name}@{threads}"] = _profile(model, args.profile_steps)
-    cache_bytes = sum(m._packs.nbytes() for m in compressed.modules() if isinstance(m, LowRankLinear))
+    cache_bytes = sum(m._packs.nbytes() for model in compressed.values() for m in model.modules()
+                      if isinstance(m, LowRankLinear))
     result = {
         "dense": args.dense, "compressed": args.compressed, "threads": args.threads,
         "kernels": args.kernels, "rounds": args.rounds, "runs": args.runs,
         "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "loadavg_1min_per_round": loads,
-        "weight_bytes": {"dense": weight_bytes(dense), "compressed": weight_bytes(compressed)},
+        "weight_bytes": {"dense": weight_bytes(dense),
+                         **{label: weight_bytes(model) for label, model in compressed.items()}},
         "float_cache_bytes": cache_bytes,
         "rows": _summary(samples, ratios), "profiles": profiles,
     }
@@ -145,7 +151,7 @@ def main() -> None:
     for row in result["rows"]:
         ratio = "" if row["variant"] == "dense" else (
             f"  ×{row['vs_dense_median']:.2f} [{row['vs_dense_min']:.2f}, {row['vs_dense_max']:.2f}]")
-        print(f"threads={row['threads']} {row['variant']:12s} {row['quantity']:10s} "
+        print(f"threads={row['threads']} {row['variant']:28s} {row['quantity']:10s} "
               f"{row['median']:8.1f} tok/s{ratio}")
     print(f"load average per round: {[round(x, 2) for x in loads]}; float cache {cache_bytes / 2**20:.1f} MiB; "
           f"wrote {path}")
