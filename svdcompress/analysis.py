@@ -69,6 +69,7 @@ __all__ = [
     "Measurement",
     "ModuleAnalysis",
     "PolicyDiagnostics",
+    "Probe",
     "analysis_settings",
     "analyze",
     "build_probe",
@@ -404,7 +405,7 @@ def _find_tail(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, ids: to
 
 
 @dataclass
-class _Probe:
+class Probe:
     """The original model's state on a small batch, for measuring one changed module cheaply."""
 
     blocks: nn.ModuleList
@@ -440,7 +441,7 @@ class _Probe:
 
 
 @torch.no_grad()
-def build_probe(model: nn.Module, windows: torch.Tensor) -> _Probe:
+def build_probe(model: nn.Module, windows: torch.Tensor) -> Probe:
     _, blocks = decoder_blocks(model)
     head = model.get_output_embeddings()
     if head is None:
@@ -454,7 +455,7 @@ def build_probe(model: nn.Module, windows: torch.Tensor) -> _Probe:
         inputs.append(hidden)
         hidden = run_block(block, call, hidden)
     labels = torch.cat([windows[:, 1:], torch.full_like(windows[:, :1], -100)], 1).reshape(-1)
-    probe = _Probe(blocks, call, inputs, tail, head, torch.empty(0), labels, 0.0)
+    probe = Probe(blocks, call, inputs, tail, head, torch.empty(0), labels, 0.0)
     probe.ref_logp = torch.cat([logp for _, logp in probe.logp_chunks(hidden)])
     probe.ref_nll = float(F.nll_loss(probe.ref_logp, labels, ignore_index=-100, reduction="sum"))
     _check_probe(model, windows, probe.ref_logp)
@@ -491,7 +492,7 @@ def weight_replaced(module: nn.Module, approx: torch.Tensor) -> Iterator[None]:
 
 
 def _analyze_module(
-    model: nn.Module, target: Target, stats: ModuleStats, probe: _Probe, fractions: Sequence[float]
+    model: nn.Module, target: Target, stats: ModuleStats, probe: Probe, fractions: Sequence[float]
 ) -> ModuleAnalysis:
     start = time.perf_counter()
     module = model.get_submodule(target.name)
