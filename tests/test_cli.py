@@ -73,16 +73,33 @@ def test_optional_sections_can_be_switched(cli_folder):
         (["eval", "./missing"], "no such file or folder"),
         (["eval", "TINY", "--windows", "0"], "must be at least 1"),
         (["eval", "TINY", "--seq-len", "4096"], "longer than the model's context of 256"),
+        (["compress", "TINY", "--out", "OUT", "--method", "svd", "--error-blend", "0.3"],
+         "unknown settings for method 'svd': ['error_blend']"),
+        (["compress", "TINY", "--out", "OUT", "--error-blend", "0.3", "--calibration-stream", "original"],
+         "calibration_stream='compressed' (the default) with it"),
+        (["compress", "TINY", "--out", "OUT", "--calibration-stream", "both"], "calibration_stream='both'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_status_2(cli_folder, monkeypatch, args, message):
+def test_bad_input_is_one_line_and_exit_status_2(cli_folder, monkeypatch, args, message, tmp_path):
     monkeypatch.setattr(zoo, "_hub_reachable", lambda timeout=3.0: False)
-    args = [str(cli_folder) if a == "TINY" else a for a in args]
+    names = {"TINY": str(cli_folder), "OUT": str(tmp_path / "out")}
+    args = [names.get(a, a) for a in args]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_compress_one_pass_and_error_blend_flags_reach_the_config(cli_folder, tmp_path):
+    for flags, expected in [(["--calibration-stream", "original"], ("original", 0.0)),
+                            (["--error-blend", "0.25"], ("compressed", 0.25))]:
+        out = tmp_path / flags[0].strip("-")
+        result = runner.invoke(app, ["compress", str(cli_folder), "--out", str(out), "--windows", "4",
+                                     "--seq-len", "32", "--facts", "0", *flags])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())["compression_config"]["config"]
+        assert (config["calibration_stream"], config["error_blend"]) == expected
 
 
 def test_help_lists_eval():

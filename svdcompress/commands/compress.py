@@ -124,6 +124,10 @@ def register(app: typer.Typer) -> None:
             "(two factors, r·(out+in)) or dense (the rank-r product kept dense: denoising, saves nothing)")] = None,
         update: Annotated[bool | None, typer.Option("--update/--no-update", help="LS update of left factor")] = None,
         quant_bits: Annotated[int | None, typer.Option(help="store factors as int8 per-row (8); default float")] = None,
+        error_blend: Annotated[float | None, typer.Option(
+            help="whiten, 0..1: fit each layer towards the original model's outputs on the inputs "
+            "the compressed model feeds it (0: plain whitening; tracks both streams: ~2x the "
+            "calibration time)")] = None,
         calibration_stream: Annotated[str | None, typer.Option(
             help="compressed (default: each block calibrated on the inputs of the model compressed so "
             "far) or original (the original model's inputs, every block run once: faster)")] = None,
@@ -177,7 +181,7 @@ def register(app: typer.Typer) -> None:
                 # The byte allocator's INT8 options price factored storage only.
                 storage=storage or ("factored" if int8_options else None), update=update,
                 seed=seed if _given(ctx, "seed") else None,
-                quant_bits=quant_bits, calibration_stream=calibration_stream,
+                quant_bits=quant_bits, calibration_stream=calibration_stream, error_blend=error_blend,
                 refine_iters=refine_iters, refine_lr=refine_lr,
                 **_importance_flags(method, importance_mode),
             )
