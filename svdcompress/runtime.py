@@ -27,10 +27,10 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
   memory traffic, and reading 4-byte factors costs more than casting 1-byte ones in cache. Kept
   for that comparison and for machines where the opposite holds.
 
-``auto`` (the default) is ``dequant_serial`` (``dequant`` until 2026-12-03): the fastest kernel whose
-output equals the dequantized model's; at 2 threads it decoded ×1.17 / ×1.14 dense (batch 1 / 8)
-where ``dequant`` did ×1.06 / ×0.99, and at 1 thread the two are the same code. On SmolLM2-135M at param_ratio 0.6 it still decodes faster than the dense model, since
-it reads a quarter of the bytes per matrix; ``int_mm`` is faster again at a small measured cost in
+``auto`` (the default) is ``dequant_serial`` (``dequant`` until 2026-12-03): the fastest kernel
+whose output equals the dequantized model's; at 2 threads it decoded ×1.17 / ×1.14 dense (batch 1
+/ 8) where ``dequant`` did ×1.06 / ×0.99, and at 1 thread the two are the same code. On
+SmolLM2-135M at param_ratio 0.6 it decodes faster than the dense model, since it reads a quarter of the bytes per matrix; ``int_mm`` is faster again at a small measured cost in
 perplexity (+3 % on the INT8 baseline), ``fbgemm`` faster still at a large one. ``auto`` does
 not pick ``float_cache``: it is exact, but it holds the float factors in RAM and measured slower
 at decode. Choose with :func:`set_runtime` or
@@ -72,8 +72,9 @@ SERIAL_ROWS = 16  # dequant_serial: inputs of at most this many rows run on one 
 
 
 class _OneThread:
-    """torch's intra-op threads set to one inside the block (OpenMP's setting is the calling
-    thread's own, so other Python threads are unaffected); ~0.4 µs a switch and back."""
+    """torch's intra-op threads set to one inside the block and restored after it (~0.4 µs a switch
+    and back). torch's setting is not scoped to the block: torch ops that another Python thread runs
+    at the same moment may see one thread too."""
 
     def __enter__(self) -> None:
         self.threads = torch.get_num_threads()
