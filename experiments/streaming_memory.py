@@ -68,7 +68,10 @@ def _config(args):
     import svdcompress as sc
 
     cls = {"svd": sc.SVDConfig, "whiten": sc.WhitenConfig}[args.method]
-    return cls(param_ratio=args.param_ratio, calib_batch_size=args.batch)
+    if args.method == "svd":
+        return cls(param_ratio=args.param_ratio, calib_batch_size=args.batch)
+    return cls(param_ratio=args.param_ratio, calib_batch_size=args.batch,
+               calibration_stream=args.calibration_stream)
 
 
 def worker_stream(args) -> dict:
@@ -105,7 +108,8 @@ def _measure(args) -> None:
     name += f"-{args.tag}" if args.tag else ""  # a resumed run keeps the first run's log
     worker = [sys.executable, __file__, args.mode, str(args.model), "--worker", "--method", args.method,
               "--blocks", str(args.blocks), "--windows", str(args.windows), "--seq-len", str(args.seq_len),
-              "--param-ratio", str(args.param_ratio), "--batch", str(args.batch)]
+              "--param-ratio", str(args.param_ratio), "--batch", str(args.batch),
+              "--calibration-stream", args.calibration_stream]
     if args.out is not None:
         worker += ["--out", str(args.out)]
     if args.method != "svd":
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--param-ratio", type=float, default=0.8)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--calibration-stream", choices=["compressed", "original"], default="compressed",
+                        help="whiten: original = one-pass calibration (issue 12)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--tag", help="suffix of the log's name, to tell runs of the same shape apart")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -303,15 +303,18 @@ def run_sequential(
                 modules = {t.name: model.get_submodule(t.name) for t in by_block[index]}
                 keep = one_pass and index < last_block
                 stats, after = gather_block_stats(block, modules, calls, compressed, original, keep_outputs=keep)
-                outputs, next_original = (after, None) if keep else (None, after)
+                if keep:  # the inputs are done with: released before the factorizations
+                    compressed = outputs = after
+                else:
+                    next_original = after
                 distributed.reduce_stats(stats)
                 compress_block(index, stats)
                 del stats
             elif original is not None:
                 next_original = [run_block(block, c, h) for c, h in zip(calls, original, strict=True)]
             if index < last_block:  # the last compressed block's outputs feed nothing we measure
-                compressed = outputs if outputs is not None else [
-                    run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
+                if outputs is None:
+                    compressed = [run_block(block, c, h) for c, h in zip(calls, compressed, strict=True)]
                 if original is not None:
                     original = next_original
     logger.info("calibrated %d blocks on %d tokens", last_block + 1, calibration.n_tokens)

@@ -581,6 +581,10 @@ def _process_block(run: _Run, index: int, targets: list[Target], calls: list, co
                 stats, after = gather_block_stats(block, modules, calls, compressed, original, keep_outputs=keep)
                 if keep:  # the dense block's outputs, made by the statistics pass itself
                     outputs = _write_outputs(run, index, iter(after), None)
+                    # Its inputs are not read again: released before the factorizations, so the
+                    # peak holds one stream, as in the sequential path (the files stay on disk).
+                    compressed.tensors = None
+                    del after
                 else:
                     next_original = after
                 for name in list(stats):  # each module's statistics go as soon as it is done
