@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 # original model's outputs (error_blend 0.25): the best training-free configuration measured,
 # BENCHMARKS.md "Issue 14: training-free quality frontier"; the recipe is one `svdcompress analyze
 # --storage pivoted` wrote. Then measure it side by side with the original on held-out text.
-# Without the blend: 14 minutes on 2 idle CPU cores once set up (measured 2026-12-03); the blend
-# tracks the original stream too (about twice the 5 minutes of compression).
+# 22 minutes wall once set up with another job sharing the 2 cores (12 min compression, 9 min
+# evaluation; measured 2026-12-03); without the blend 14 minutes on 2 idle cores (5 min compression).
 DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p80-pivoted-blend
 demo: setup
 	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.80-pivoted.json \
