@@ -17,6 +17,10 @@ Two files under ``experiments/results/issue6/`` were edited or written by hand:
 selected decoder linears, the opposite of the library's name; renamed, with the ratio over the
 factored modules derived from each run's recorded ranks.
 
+``experiments/results/bytes_frontier/int8_sensitivity.json`` (a cache the library reads) lost the
+provenance of the runs that measured it: a later run that measured nothing re-stamped it. The
+measuring runs are recorded under ``measured_by`` (numbers unchanged).
+
 Every correction is listed under ``corrections`` with its reason; ``table.md`` is rewritten from the
 corrected file as ``refine_recover.py`` writes it. The files are rewritten through
 :func:`svdcompress.provenance.write_results`, so it names this command and the code version.
@@ -150,11 +154,47 @@ def correct_snapshots(data: dict) -> dict:
     return data
 
 
+INT8_PATH = Path("experiments/results/bytes_frontier/int8_sensitivity.json")
+INT8_MEASURED_BY = [
+    {"modules": 62, "command": "bytes_frontier.py (previous session's run, not recorded)",
+     "code_version": {"commit": "3becfe3 (committed afterwards, as found in the tree)"}},
+    {"modules": 148, "command": "experiments/bytes_frontier.py --threads 1 --checks-only",
+     "code_version": {"package": "0.1.0", "commit": "52de21db427c5e03723a16eaba2f06d6619dad9e", "dirty": True},
+     "written_at": "2026-12-03T16:33:46+00:00"},
+]
+INT8_REASON = (
+    "62 modules were measured by the previous session's run (its file had no provenance, committed "
+    "in 3becfe3) and the other 148 by `bytes_frontier.py --threads 1 --checks-only` at 52de21d, "
+    "the provenance this file carried in commit 6154afb. A later `bytes_frontier.py --threads 1` "
+    "(8e83053) found every module cached, measured nothing, and re-stamped the file (a "
+    "stamp_results call since removed), replacing that provenance; the file without its provenance "
+    "is identical in 6154afb and b39d203. `seconds` was not recorded by that code (0)."
+)
+
+
+def correct_int8_provenance(data: dict, earlier: dict | None) -> dict:
+    data["measured_by"] = INT8_MEASURED_BY
+    corrections = [c for c in data.get("corrections", []) if c["field"] != "measured_by"]
+    data["corrections"] = [*corrections, {"field": "measured_by", "reason": INT8_REASON,
+                                          "earlier_provenance": earlier}]
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=RESULTS)
     parser.add_argument("--allocation", type=Path, default=Path("experiments/results/allocation/results.json"))
+    parser.add_argument("--only", choices=["issue6", "int8"], help="one group of corrections (default: all)")
     args = parser.parse_args()
+    if args.only in (None, "int8"):
+        data = json.loads(INT8_PATH.read_text())
+        earlier = data.pop("provenance", None)
+        if any(c["field"] == "measured_by" for c in data.get("corrections", [])):
+            earlier = next(c for c in data["corrections"] if c["field"] == "measured_by")["earlier_provenance"]
+        write_results(INT8_PATH, correct_int8_provenance(data, earlier))
+        print(f"recorded corrections in {INT8_PATH}")
+    if args.only == "int8":
+        return
     for name, correct in (("results.json", correct_results),
                           ("recover-p80-snapshots.json", correct_snapshots)):
         path = args.folder / name
