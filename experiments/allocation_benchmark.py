@@ -36,7 +36,7 @@ from svdcompress.calibration import Calibration
 from svdcompress.datasets import load_facts, token_windows
 from svdcompress.diagnostics import diagnose_policy
 from svdcompress.evaluate import fact_recall, perplexity
-from svdcompress.provenance import stamp_results, write_results
+from svdcompress.provenance import write_results
 
 logger = logging.getLogger("allocation_benchmark")
 
@@ -163,7 +163,6 @@ def main() -> None:
     analysis = analyze(model, calibration, args.out / "analysis",
                        probe_samples=args.probe_samples, probe_len=args.probe_len)
     logger.info("analysis: %.0f s for %d modules", analysis.seconds, len(analysis.modules))
-    _stamp_analysis(args.out / "analysis")
     if args.analysis_only:
         return
     results, data = Results(args.out / "results.json"), _data(tokenizer, args)
@@ -180,14 +179,7 @@ def main() -> None:
                 continue
             if name not in results:
                 _run(name, variant, ratio, model, tokenizer, calibration, data, analysis, args, results)
-    _stamp_analysis(args.out / "analysis")  # allocate_config wrote recipes there meanwhile
     _write_outputs(results.data, args.out)
-
-
-def _stamp_analysis(folder: Path) -> None:
-    """The analysis files are written by the library; this script names itself in each."""
-    for path in sorted(folder.glob("*.json")):
-        stamp_results(path)
 
 
 def _write_outputs(data: dict, out: Path) -> None:

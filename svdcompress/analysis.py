@@ -59,6 +59,7 @@ from svdcompress.evaluate import kl_divergence
 from svdcompress.fetch import atomic_write_json
 from svdcompress.linalg import whitening
 from svdcompress.modules import dense_weight, unsplit_state_dict
+from svdcompress.provenance import provenance
 from svdcompress.targets import Target, decoder_blocks, find_targets
 
 __all__ = [
@@ -348,6 +349,7 @@ class _Store:
         self.fingerprint, self.settings = fingerprint, settings
         self.modules: dict[str, ModuleAnalysis] = {}
         self.seconds = 0.0
+        self._provenance: dict | None = None  # taken once, at the first save: it asks git
         if self.path.exists():
             self._load()
 
@@ -371,7 +373,9 @@ class _Store:
 
     def save(self, seconds: float) -> None:
         analysis = Analysis(self.fingerprint, self.settings, list(self.modules.values()), seconds)
-        atomic_write_json(self.path, analysis.to_dict())
+        if self._provenance is None:
+            self._provenance = provenance()
+        atomic_write_json(self.path, {**analysis.to_dict(), "provenance": self._provenance})
 
 
 # --------------------------------------------------------------------------------------------------

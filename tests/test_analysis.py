@@ -187,3 +187,13 @@ def test_real_smollm2_first_and_last_block(smollm2, tmp_path):
     assert all(m.measurements[-1].kl > m.measurements[0].kl > 0 for m in result.modules)
     allocation = allocate(result, param_ratio=0.8)
     assert allocation.cost_after <= allocation.budget and allocation.predicted_kl > 0
+
+
+def test_the_analysis_cache_names_the_run_that_measured_it(tiny_llama, tiny_windows, tmp_path):
+    import json
+
+    from svdcompress.analysis import ANALYSIS_FILE, analyze
+
+    analyze(tiny_llama, tiny_windows, tmp_path, probe_samples=2, probe_len=16)
+    provenance = json.loads((tmp_path / ANALYSIS_FILE).read_text())["provenance"]
+    assert provenance["command"] and provenance["code_version"]["commit"]
