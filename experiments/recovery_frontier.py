@@ -18,6 +18,10 @@ unmeasured lr 1e-4), or ``allocated-pivoted``, the same analysis allocated for p
         --lr 1e-4 --data wiki --hidden-weight 0
     OMP_NUM_THREADS=1 python experiments/recovery_frontier.py --out runs/recovery_frontier \
         --start allocated-pivoted --lr 1e-4 --results experiments/results/recovery_frontier/pivoted.json
+    # 0.6 from the training-free best (error_blend 0.25, chosen by quality_frontier.py at 0.6)
+    OMP_NUM_THREADS=1 python experiments/recovery_frontier.py --out runs/recovery_frontier \
+        --start allocated-pivoted --param-ratio 0.6 --error-blend 0.25 --probe-lrs 1e-5 3e-5 1e-4 \
+        --probe-steps 10 --steps 100 --results experiments/results/recovery_frontier/pivoted-p60-blend.json
 
 Each finished row is written at once to ``--results`` (a rerun skips it; one process per results
 file at a time); checkpoints go to ``--out``.
@@ -59,6 +63,11 @@ def _args() -> argparse.Namespace:
                         help="allocated: issue 5's recipe (two factors per module); allocated-pivoted: "
                              "the same analysis allocated for pivoted storage (issue 14 item 1)")
     parser.add_argument("--analysis-dir", type=Path, default=Path("experiments/results/allocation/analysis"))
+    parser.add_argument("--param-ratio", type=float, default=0.8,
+                        help="allocated-pivoted only: the kept fraction of the decoder linear parameters")
+    parser.add_argument("--error-blend", type=float, default=0.0,
+                        help="allocated-pivoted only: WhitenConfig.error_blend of the start; choose it on "
+                             "calibration windows (quality_frontier.py's blend_selection), never here")
     parser.add_argument("--data", default="wiki+news", help="training text (calib splits)")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=150)
@@ -140,14 +149,18 @@ def main() -> None:
         rows["dense"] = {"param_ratio": 1.0, **_evaluate(MODEL, args)}
         _store(args, results)
 
-    start = f"{args.start} p80"
+    if args.start == "allocated" and (args.param_ratio != 0.8 or args.error_blend):
+        raise SystemExit("--param-ratio and --error-blend apply to --start allocated-pivoted only")
+    ratio_tag = f"p{round(args.param_ratio * 100):d}"
+    start = f"{args.start} {ratio_tag}" + (f" blend{args.error_blend:g}" if args.error_blend else "")
     start_dir = args.out / start.replace(" ", "-")
     if start not in rows:
         if args.start == "allocated":
             summary = api.compress(MODEL, start_dir, load_recipe(args.recipe), windows=64, seq_len=512,
                                    facts=0, device="cpu", overwrite=True)
         else:
-            summary = api.compress(MODEL, start_dir, WhitenConfig(param_ratio=0.8, storage="pivoted"),
+            config = WhitenConfig(param_ratio=args.param_ratio, storage="pivoted", error_blend=args.error_blend)
+            summary = api.compress(MODEL, start_dir, config,
                                    windows=64, seq_len=512, facts=0, device="cpu", overwrite=True,
                                    allocate=True, analysis_dir=args.analysis_dir)
         rows[start] = {"command": command_line(), "param_ratio": summary["selected_param_ratio"],
@@ -161,7 +174,7 @@ def main() -> None:
         key = f"lr={lr:g}"
         if key in results["probe"]:
             continue
-        out = args.out / f"probe-lr{lr:g}"
+        out = args.out / f"{start_dir.name}-probe-lr{lr:g}"
         report = _recover(start_dir, out, _settings(args, lr, args.probe_steps), train)
         student, _ = load(out)
         results["probe"][key] = {"lr": lr, "steps": args.probe_steps, "final_loss": report["final_loss"],
@@ -176,7 +189,7 @@ def main() -> None:
 
     name = f"{start} + recovery ({args.steps} steps, lr {best['lr']:g}, {args.data}, hidden {args.hidden_weight:g})"
     if name not in rows:
-        out = args.out / f"{args.start}-p80-rec-{args.data}-h{args.hidden_weight:g}-s{args.steps}-lr{best['lr']:g}"
+        out = args.out / f"{start_dir.name}-rec-{args.data}-h{args.hidden_weight:g}-s{args.steps}-lr{best['lr']:g}"
         report = _recover(start_dir, out, _settings(args, best["lr"], args.steps), train)
         student, _ = load(out)
         rows[name] = {"command": command_line(), "data": args.data, "hidden_weight": args.hidden_weight,
