@@ -65,6 +65,15 @@ class Calibration:
 
 
 @dataclass
+class SharedInput:
+    """What targets fed the same tensor (q/k/v, gate/up) share beyond their sums: values derived
+    from the one Gram matrix, computed for the first of them and dropped after the last took it."""
+
+    users: int = 1
+    memo: dict = field(default_factory=dict)  # key -> [Gram version, value, users served]
+
+
+@dataclass
 class ModuleStats:
     """Sums over the calibration tokens a target layer received in the compressed model."""
 
@@ -74,10 +83,25 @@ class ModuleStats:
     original_gram: torch.Tensor | None = None  # Σ x xᵀ, with cross (refinement needs ‖W X‖²)
     n_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    shared: SharedInput = field(default_factory=SharedInput, repr=False, compare=False)
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.n_tokens, 1)
+
+    def from_gram(self, key: str, compute: Callable[[torch.Tensor], object]) -> object:
+        """``compute(gram)``, once for all the targets sharing this Gram matrix (q/k/v's
+        eigendecomposition is one, not three). Kept until each sharer has asked once, then dropped,
+        so it does not outlive them; recomputed if the Gram matrix changed in place meanwhile."""
+        memo = self.shared.memo
+        entry = memo.get(key)
+        if entry is None or entry[0] != self.gram._version:
+            value = compute(self.gram)
+            entry = memo[key] = [self.gram._version, value, 0]
+        entry[2] += 1
+        if entry[2] >= self.shared.users:
+            del memo[key]
+        return entry[1]
 
 
 @contextlib.contextmanager
@@ -191,8 +215,12 @@ def gather_block_stats(
             key = (x.data_ptr(), tuple(x.shape))
             sharer = batch_cache.setdefault(key, (name, x))[0]
             if name not in stats:  # the first batch decides who shares with whom
-                stats[name] = (_empty_stats(modules[name]) if sharer == name else
-                               ModuleStats(gram=stats[sharer].gram, abs_sum=stats[sharer].abs_sum))
+                if sharer == name:
+                    stats[name] = _empty_stats(modules[name])
+                else:
+                    first = stats[sharer]
+                    first.shared.users += 1
+                    stats[name] = ModuleStats(gram=first.gram, abs_sum=first.abs_sum, shared=first.shared)
             entry = stats[name]
             previous = added.get(id(entry.gram))
             if previous is None:  # the first of its sharers in this batch adds the input, once

@@ -31,6 +31,7 @@ __all__ = [
     "dequantize",
     "factored_params",
     "fisher_weighted_svd",
+    "gram_eigen",
     "least_squares_left",
     "pivot_factors",
     "quantize_groupwise",
@@ -301,7 +302,14 @@ def _top_eigen(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return vectors, root, inv_root
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Factors:
+def gram_eigen(gram: torch.Tensor) -> _GramEigen:
+    """The clamped eigendecomposition :func:`whitened_svd` starts from, for targets that share one
+    Gram matrix to compute once (``ModuleStats.from_gram``)."""
+    return _gram_eigen(gram, 1e-6)
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
+                 eigen: _GramEigen | None = None) -> Factors:
     """Truncation-aware data whitening (SVD-LLM): minimises ‖(W − W')X‖ over rank-r W'.
 
     With S = QΛ^½ from the Gram matrix and W·S = U Σ Vᵀ, the factors are U_r Σ_r^½ and
@@ -309,9 +317,10 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Factors
     (out × out) and (W·S)ᵀ(W·S) = S ᵀ(WᵀW)S (in × in) rather than from an SVD of W·S, the other
     factor from W itself (Σ_r^-½ U_rᵀ W, or W·S V_r Σ_r^-½): no (out × in) float64 matrix beyond a
     wide W·Q, no SVD workspace, and with fewer rows than columns (down_proj) Q goes as soon as W·Q
-    is formed. ``gram`` is symmetrised in place (see :func:`_gram_eigen`).
+    is formed. ``gram`` is symmetrised in place (see :func:`_gram_eigen`) unless ``eigen``, its
+    :func:`gram_eigen` computed beforehand, is given.
     """
-    eigen = _gram_eigen(gram, 1e-6)
+    eigen = gram_eigen(gram) if eigen is None else eigen
     notes = (f"gram: {eigen.n_clamped} eigenvalues clamped to 1e-6·λmax",) if eigen.n_clamped else ()
     if weight.shape[0] < weight.shape[1]:
         whitened = _rows_times(weight, eigen.eigvecs).mul_(eigen.root)  # W S (out, in)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import svdcompress as sc
 from svdcompress import streaming
+from svdcompress.calibration import ModuleStats
 from svdcompress.checkpoint import load, save
 from svdcompress.cli import app
 from svdcompress.errors import ConfigError, ModelLoadError
@@ -339,3 +340,42 @@ def test_block_statistics_are_shared_exact_and_stop_at_the_last_target(tiny_llam
         torch.testing.assert_close(stats[name].gram, expected[name], rtol=1e-5, atol=1e-4)
         assert torch.equal(stats[name].gram, stats[name].gram.T)
         assert stats[name].n_tokens == tiny_windows.numel()
+
+
+def test_sharers_decompose_their_gram_once_and_get_the_same_factors(tiny_llama, tiny_windows, monkeypatch):
+    """q/k/v and gate/up share one Gram matrix, so whiten decomposes it once per block (4 of 7
+    targets), and each factor equals the one a fresh eigendecomposition gives."""
+    from svdcompress import linalg
+
+    calls = []
+    real = linalg._gram_eigen
+    monkeypatch.setattr(linalg, "_gram_eigen", lambda gram, floor: calls.append(gram.shape) or real(gram, floor))
+    config = sc.WhitenConfig(param_ratio=0.6, calib_batch_size=2)
+    shared = make_tiny_model("llama")
+    sc.compress_(shared, config, tiny_windows)
+    assert len(calls) == 4 * len(shared.model.layers)
+
+    monkeypatch.setattr(ModuleStats, "from_gram", lambda self, _key, compute: compute(self.gram))
+    fresh = make_tiny_model("llama")
+    sc.compress_(fresh, config, tiny_windows)
+    assert len(calls) == (4 + 7) * len(shared.model.layers)
+    for (name, a), (_, b) in zip(shared.named_modules(), fresh.named_modules(), strict=True):
+        if isinstance(a, LowRankLinear):
+            assert torch.equal(a.dense_weight(), b.dense_weight()), name
+
+
+def test_a_value_shared_by_sharers_is_dropped_after_the_last_and_follows_the_gram():
+    first = ModuleStats(gram=torch.eye(3, dtype=torch.float64), abs_sum=torch.zeros(3, dtype=torch.float64))
+    first.shared.users = 3
+    computed = []
+
+    def compute(gram):
+        computed.append(1)
+        return gram.sum().item()
+
+    assert [first.from_gram("sum", compute) for _ in range(2)] == [3.0, 3.0]
+    assert len(computed) == 1 and first.shared.memo
+    first.gram.mul_(2)  # changed in place: the memo is stale
+    assert first.from_gram("sum", compute) == 6.0 and len(computed) == 2
+    assert first.from_gram("sum", compute) == 6.0 and len(computed) == 2
+    assert first.from_gram("sum", compute) == 6.0 and not first.shared.memo  # third user: dropped

@@ -2,7 +2,7 @@
 
 from svdcompress.config import WhitenConfig
 from svdcompress.errors import ConfigError
-from svdcompress.linalg import blended_target, whitened_svd
+from svdcompress.linalg import blended_target, gram_eigen, whitened_svd
 from svdcompress.methods import register
 
 
@@ -13,7 +13,8 @@ def factorize(weight, rank, stats, extra, config):
                               "compressed model's; this path does not track them. Use compress_ "
                               "(not streaming) or error_blend=0.")
         weight = blended_target(weight, stats.gram, stats.cross, config.error_blend)
-    return whitened_svd(weight, stats.gram, rank)
+    # q/k/v (and gate/up) share one Gram matrix: decompose it once for all of them.
+    return whitened_svd(weight, stats.gram, rank, eigen=stats.from_gram("eigen", gram_eigen))
 
 
 register(WhitenConfig, factorize)
