@@ -19,6 +19,7 @@ for modules left dense — that ``compress_`` consumes unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Allocation",
     "CostModel",
+    "SpeedCaps",
     "allocate",
     "allocate_config",
     "predicted_curve",
@@ -152,6 +154,51 @@ class Allocation:
                 "settings": self.settings, **({"bits": self.bits} if self.bits else {})}
 
 
+_CAPS_STORAGE = ("speed caps are measured for factored storage (two factors per module); "
+                 "storage={storage!r} has other kernels. Use storage='factored' (--storage factored) "
+                 "with them.")
+
+
+@dataclass(frozen=True)
+class SpeedCaps:
+    """Measured speed break-even ranks per matrix shape (``experiments/kernel_bench.py
+    --break-even``): above its cap a factored layer of that shape decodes slower than the dense
+    one, so an allocation that should also be fast offers no rank above it. The parameter
+    break-even (r·(m+n) = m·n) is higher: float factors stop paying at about 0.8 of it on our CPU.
+
+    ``float_ranks`` / ``int8_ranks``: (out, in) -> the largest rank such that every rank up to it
+    was faster than dense, at every thread count the file measured.
+    """
+
+    float_ranks: dict[tuple[int, int], int]
+    int8_ranks: dict[tuple[int, int], int]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpeedCaps:
+        path = Path(path)
+        try:
+            rows = json.loads(path.read_text())["rows"]
+            measured = [(tuple(r["shape"]), r["break_even_float"], r["break_even_int8"]) for r in rows]
+        except FileNotFoundError:
+            raise ConfigError(f"speed caps: no file {path}; measure one with `python "
+                              "experiments/kernel_bench.py --break-even`.") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"speed caps: {path} is not a break-even file ({err!r}); it is "
+                              "experiments/results/speed/break_even.json's format, written by "
+                              "`python experiments/kernel_bench.py --break-even`.") from None
+        float_ranks: dict[tuple[int, int], int] = {}
+        int8_ranks: dict[tuple[int, int], int] = {}
+        for shape, float_rank, int8_rank in measured:  # the lowest over thread counts holds at all
+            float_ranks[shape] = min(float_ranks.get(shape, float_rank), float_rank)
+            int8_ranks[shape] = min(int8_ranks.get(shape, int8_rank), int8_rank)
+        return cls(float_ranks, int8_ranks, str(path))
+
+    def cap(self, module: ModuleAnalysis, int8: bool) -> int | None:
+        """The rank cap of ``module``'s shape; None where the file did not measure it."""
+        return (self.int8_ranks if int8 else self.float_ranks).get((module.out_features, module.in_features))
+
+
 # --------------------------------------------------------------------------------------------------
 # Options and the knapsack
 
@@ -165,11 +212,11 @@ class _Options:
 
 
 def _options(module: ModuleAnalysis, cost: CostModel, min_rank: int, rank_step: int,
-             allow_dense: bool) -> _Options:
+             allow_dense: bool, cap: int | None = None) -> _Options:
     # Factored ranks stop at the break-even rank of the storage: compress_ refuses anything above it.
     top = break_even_rank(module.out_features, module.in_features, cost.storage)
     grid = sorted({min_rank, *range(rank_step * math.ceil(min_rank / rank_step), top + 1, rank_step)})
-    ranks: list[int | None] = [r for r in grid if min_rank <= r <= top]
+    ranks: list[int | None] = [r for r in grid if min_rank <= r <= top and (cap is None or r <= cap)]
     if allow_dense or not ranks:
         ranks.append(None)
     costs = [cost.dense(module) if r is None else cost.factored(module, r) for r in ranks]
@@ -178,14 +225,18 @@ def _options(module: ModuleAnalysis, cost: CostModel, min_rank: int, rank_step: 
 
 
 def _with_int8(opt: _Options, module: ModuleAnalysis, cost: CostModel, int8: ModuleInt8,
-               allow_dense: bool) -> _Options:
-    """``opt``'s ranks as float and as INT8 factors, plus the module dense as INT8 (always: it is
-    compressed) and dense float (if ``allow_dense``); each priced by ``cost``'s dtype."""
+               allow_dense: bool, caps: SpeedCaps | None = None) -> _Options:
+    """``opt``'s ranks as float and as INT8 factors (each up to its speed cap, if ``caps``), plus
+    the module dense as INT8 (always: it is compressed) and dense float (if ``allow_dense``); each
+    priced by ``cost``'s dtype."""
     ranks = [r for r in opt.ranks if r is not None]
+    float_cap, int8_cap = (None, None) if caps is None else (caps.cap(module, False), caps.cap(module, True))
     float_cost = dataclasses.replace(cost, factored_bytes=cost.dense_bytes, row_scale_bytes=0)
     int8_cost = dataclasses.replace(cost, factored_bytes=1, row_scale_bytes=4)
-    choices = [(r, None, float_cost.factored(module, r), module.predicted_kl(r)) for r in ranks]
-    choices += [(r, 8, int8_cost.factored(module, r), int8.predicted_kl(module, r)) for r in ranks]
+    choices = [(r, None, float_cost.factored(module, r), module.predicted_kl(r))
+               for r in ranks if float_cap is None or r <= float_cap]
+    choices += [(r, 8, int8_cost.factored(module, r), int8.predicted_kl(module, r))
+                for r in ranks if int8_cap is None or r <= int8_cap]
     choices.append((None, 8, cost.dense_int8(module), int8.predicted_kl(module, None)))
     if allow_dense:
         choices.append((None, None, cost.dense(module), 0.0))
@@ -261,6 +312,8 @@ def allocate(
     allow_dense: bool = True,
     storage: str = "factored",
     int8: Int8Sensitivity | None = None,
+    speed_caps: SpeedCaps | None = None,
+    int8_factors: bool = False,
 ) -> Allocation:
     """Ranks minimising the predicted KL with total cost ≤ the budget.
 
@@ -273,6 +326,10 @@ def allocate(
 
     ``int8`` (:func:`svdcompress.int8_analysis.int8_sensitivity`, bytes budgets only, factored storage)
     adds per module: INT8 factors at every rank, and dense INT8; the result's ``bits`` says which.
+
+    ``speed_caps`` (factored storage): no rank above the measured speed break-even of its shape —
+    the INT8 one for INT8 factors (``int8`` options, or ``int8_factors`` when every factor will
+    be INT8), the float one otherwise — so every factored module is faster than dense.
     """
     if min_rank < 1 or rank_step < 1:
         raise ConfigError(f"min_rank={min_rank} and rank_step={rank_step} must be ≥ 1.")
@@ -282,12 +339,18 @@ def allocate(
     cost = cost or (CostModel(storage=storage) if byte_budget is None
                     else CostModel.for_bytes(storage=storage))
     budget = _budget(analysis, cost, param_ratio, byte_budget)
-    options = [_options(m, cost, min_rank, rank_step, allow_dense) for m in analysis.modules]
+    if speed_caps is not None and storage != "factored":
+        raise ConfigError(_CAPS_STORAGE.format(storage=storage))
+
+    def cap(module: ModuleAnalysis) -> int | None:
+        return None if speed_caps is None or int8 is not None else speed_caps.cap(module, int8_factors)
+
+    options = [_options(m, cost, min_rank, rank_step, allow_dense, cap(m)) for m in analysis.modules]
     if int8 is not None:
         if cost.unit != "bytes" or cost.storage != "factored":
             raise ConfigError("INT8 options are priced in bytes of factored storage; give a "
                               "byte_budget and storage='factored' with int8.")
-        options = [_with_int8(o, m, cost, int8.modules[m.name], allow_dense)
+        options = [_with_int8(o, m, cost, int8.modules[m.name], allow_dense, speed_caps)
                    for o, m in zip(options, analysis.modules, strict=True)]
     before = sum(cost.dense(m) for m in analysis.modules)
     minimum = sum(int(o.costs.min()) for o in options)
@@ -299,7 +362,8 @@ def allocate(
     after = sum(int(o.costs[j]) for o, j in zip(options, picked, strict=True))
     settings = {"param_ratio": param_ratio, "byte_budget": byte_budget, "min_rank": min_rank,
                 "rank_step": rank_step, "allow_dense": allow_dense, "storage": storage, "cost_unit": unit,
-                "fingerprint": analysis.fingerprint}
+                "fingerprint": analysis.fingerprint,
+                **({"speed_caps": speed_caps.source} if speed_caps is not None else {})}
     if int8 is None:
         return Allocation(ranks, before, after, budget, cost.unit, analysis.predicted_kl(ranks), settings)
     bits = {m.name: o.bits[j] for m, o, j in zip(analysis.modules, options, picked, strict=True)}
@@ -348,6 +412,7 @@ def allocate_config(
     rank_step: int = 8,
     allow_dense: bool = True,
     int8_options: bool = False,
+    speed_caps: str | Path | SpeedCaps | None = None,
     **analysis_options: Any,
 ) -> CompressionConfig:
     """Analyse ``model`` (or reuse the cache in ``analysis_dir``) and return ``base_config`` with
@@ -357,7 +422,8 @@ def allocate_config(
     The sensitivity is measured with whitened truncation whatever ``base_config.method`` is.
     ``int8_options`` (with ``byte_budget``): each module may also be dense INT8 or hold INT8
     factors, priced and predicted from :func:`svdcompress.int8_analysis.int8_sensitivity` (cached in
-    ``analysis_dir`` too).
+    ``analysis_dir`` too). ``speed_caps`` (a break-even file or :class:`SpeedCaps`, factored
+    storage): no rank above the measured speed break-even of its shape (see :func:`allocate`).
     """
     if int8_options and byte_budget is None:
         raise ConfigError("INT8 options trade bytes: give a byte budget with them.")
@@ -365,6 +431,10 @@ def allocate_config(
         raise ConfigError("allocation trades parameters; it needs storage='factored' or 'pivoted'.")
     if byte_budget is None and base_config.param_ratio is None:
         raise ConfigError("allocation needs a global budget: param_ratio or a byte budget.")
+    if speed_caps is not None and base_config.storage != "factored":
+        raise ConfigError(_CAPS_STORAGE.format(storage=base_config.storage))
+    if speed_caps is not None and not isinstance(speed_caps, SpeedCaps):
+        speed_caps = SpeedCaps.load(speed_caps)  # before the analysis: a bad file fails at once
     analysis = analyze(model, calibration, analysis_dir, targets=base_config.targets,
                        exclude=base_config.exclude, **analysis_options)
     int8 = None
@@ -376,13 +446,14 @@ def allocate_config(
         analysis, param_ratio=None if byte_budget is not None else base_config.param_ratio,
         byte_budget=byte_budget, cost=_cost_for(model, base_config, byte_budget),
         min_rank=min_rank, rank_step=rank_step, allow_dense=allow_dense, storage=base_config.storage,
-        int8=int8,
+        int8=int8, speed_caps=speed_caps, int8_factors=getattr(base_config, "quant_bits", None) == 8,
     )
     config = allocation.to_config(base_config)
     if analysis_dir is not None:  # the same recipe `analyze` writes: `compress --recipe` reads it
         tag = f"p{base_config.param_ratio:.2f}" if byte_budget is None else f"b{byte_budget}"
         tag += "-pivoted" if base_config.storage == "pivoted" else ""
         tag += "-int8" if int8_options else ""
+        tag += "-speedcaps" if speed_caps is not None else ""
         # Provenance: such a recipe can be a published result (experiments/results/allocation/).
         atomic_write_json(Path(analysis_dir) / f"allocation-{tag}.json",
                           {**config.to_dict(), "provenance": provenance()})

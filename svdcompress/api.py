@@ -35,13 +35,15 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
              windows: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN, facts: int = 256,
              device: str = "auto", overwrite: bool = False, allocate: bool = False,
              analysis_dir: str | Path | None = None, byte_budget: int | None = None,
-             **options: Any) -> dict[str, Any]:
+             speed_caps: str | Path | None = None, **options: Any) -> dict[str, Any]:
     """Compress ``model`` (alias, folder, .gguf or hub id) with ``config`` and save it to ``out``.
 
     ``config``: a :class:`~svdcompress.config.CompressionConfig` (default, as the command line's:
     ``WhitenConfig(param_ratio=0.8, storage="pivoted")``); its ``seed`` picks the calibration
     windows. ``allocate=True`` spends ``config``'s ``param_ratio`` (or ``byte_budget``) as a global
-    budget over ranks chosen from measured sensitivity. ``options`` go to the command's pipeline
+    budget over ranks chosen from measured sensitivity; with ``speed_caps`` (a break-even file,
+    factored storage) no rank above the one where that shape stops being faster than dense.
+    ``options`` go to the command's pipeline
     (``error_report``, ``stream``, ``max_memory``, ``recipe``). Returns the summary the command prints.
     """
     from svdcompress.config import WhitenConfig
@@ -49,7 +51,7 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
 
     config = config if config is not None else WhitenConfig(param_ratio=0.8, storage=DEFAULT_STORAGE)
     allocation = allocation_options(allocate, Path(analysis_dir) if analysis_dir else None,
-                                     byte_budget)
+                                     byte_budget, speed_caps=Path(speed_caps) if speed_caps else None)
     return run_compress(model, config, Path(out), calib=data, calib_samples=windows,
                         seq_len=seq_len, n_facts=facts, overwrite=overwrite,
                         allocation=allocation, device=device, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 
@@ -14,6 +15,7 @@ from torch import nn
 import svdcompress as sc
 from svdcompress.allocation import (
     CostModel,
+    SpeedCaps,
     allocate,
     allocate_config,
     predicted_curve,
@@ -126,6 +128,44 @@ def test_byte_budget_with_int8_factors():
     spent = sum(cost.dense(m) if allocation.ranks[m.name] is None else
                 cost.factored(m, allocation.ranks[m.name]) for m in analysis.modules)
     assert spent == allocation.cost_after
+
+
+def _break_even_file(tmp_path, rows) -> str:
+    path = tmp_path / "break_even.json"
+    path.write_text(json.dumps({"rows": [{"shape": list(shape), "threads": threads, "break_even_float": f,
+                                          "break_even_int8": q} for shape, threads, f, q in rows]}))
+    return str(path)
+
+
+def test_speed_caps_bound_every_factored_rank_at_the_slowest_thread_count(tmp_path):
+    # (64, 32) and (48, 32) capped; (16, 32) and (32, 64) not measured, so not capped.
+    caps = SpeedCaps.load(_break_even_file(tmp_path, [((64, 32), 1, 12, 16), ((64, 32), 2, 8, 12),
+                                                      ((48, 32), 1, 6, 9)]))
+    assert caps.float_ranks == {(64, 32): 8, (48, 32): 6} and caps.int8_ranks == {(64, 32): 12, (48, 32): 9}
+    analysis = synthetic_analysis(seed=6)
+    free = allocate(analysis, param_ratio=0.6, min_rank=2, rank_step=2)
+    capped = allocate(analysis, param_ratio=0.6, min_rank=2, rank_step=2, speed_caps=caps)
+    quantized = allocate(analysis, param_ratio=0.6, min_rank=2, rank_step=2, speed_caps=caps, int8_factors=True)
+    assert capped.settings["speed_caps"] == caps.source
+    for m in analysis.modules:
+        shape = (m.out_features, m.in_features)
+        for allocation, limits in ((capped, caps.float_ranks), (quantized, caps.int8_ranks)):
+            rank = allocation.ranks[m.name]
+            assert rank is None or rank <= limits.get(shape, break_even_rank(*shape))
+    assert any((r or 0) > caps.float_ranks[(64, 32)] for n, r in free.ranks.items() if ".m2" in n)  # it bound
+    assert capped.predicted_kl >= free.predicted_kl and quantized.predicted_kl <= capped.predicted_kl
+
+
+def test_speed_caps_are_for_factored_storage_and_a_known_file(tmp_path):
+    analysis = synthetic_analysis()
+    caps = SpeedCaps.load(_break_even_file(tmp_path, [((48, 32), 1, 12, 20)]))
+    with pytest.raises(ConfigError, match="measured for factored storage"):
+        allocate(analysis, param_ratio=0.8, storage="pivoted", speed_caps=caps)
+    with pytest.raises(ConfigError, match="no file .*kernel_bench.py --break-even"):
+        SpeedCaps.load(tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"shape": [4, 4]}]}))
+    with pytest.raises(ConfigError, match="not a break-even file"):
+        SpeedCaps.load(tmp_path / "other.json")
 
 
 def test_predicted_curve_rows():

@@ -167,6 +167,11 @@ CLI_ROWS = [
     ("recipe-and-preset", [*COMPRESS, "--recipe", "recipe-list.json", "--preset", "cf90"], "not both", None),
     ("unknown-preset", [*COMPRESS, "--preset", "turbo"], "unknown preset", None),
     ("allocate-options-alone", [*COMPRESS, "--analysis-dir", "a"], "only apply with --allocate", None),
+    ("speed-caps-alone", [*COMPRESS, "--speed-caps", "b.json"], "only apply with --allocate", None),
+    ("speed-caps-missing", [*COMPRESS, "--allocate", "--param-ratio", "0.6", "--storage", "factored",
+                            "--speed-caps", "b.json"], "no file b.json", None),
+    ("speed-caps-pivoted", [*COMPRESS, "--allocate", "--param-ratio", "0.6", "--storage", "pivoted",
+                            "--speed-caps", "b.json"], "measured for factored storage", None),
     # data (checked before the model loads)
     ("windows-zero", [*COMPRESS, "--windows", "0"], "at least 1 window", None),
     ("seq-len-zero", [*COMPRESS, "--seq-len", "0"], "positive number of tokens", None),

@@ -159,6 +159,10 @@ def register(app: typer.Typer) -> None:
         int8_options: Annotated[bool, typer.Option(
             "--int8-options", help="with --allocate --byte-budget: each module may also be dense "
             "INT8 or hold INT8 factors (measured per module on the calibration windows)")] = False,
+        speed_caps: Annotated[Path | None, typer.Option(
+            help="with --allocate and --storage factored: a break-even file (experiments/results/"
+            "speed/break_even.json): no rank above the one where that layer shape stops decoding "
+            "faster than dense")] = None,
         error_report: Annotated[bool, typer.Option(
             "--error-report/--no-error-report",
             help="svd: also measure each layer's output error on calibration text (a pass "
@@ -194,7 +198,7 @@ def register(app: typer.Typer) -> None:
             summary = run_compress(model, config, out, calib=data, calib_samples=windows,
                                    seq_len=seq_len, n_facts=facts, overwrite=overwrite, recipe=recipe,
                                    allocation=allocation_options(allocate, analysis_dir, byte_budget,
-                                                                  int8_options),
+                                                                  int8_options, speed_caps),
                                    error_report=error_report, stream=stream, max_memory=max_memory,
                                    device=device)
             if distributed.is_main():

@@ -161,12 +161,13 @@ def _allocate(model, tokenizer, config, calibration, allocation: dict, calib, sa
 
 
 def allocation_options(allocate: bool, analysis_dir: Path | None, byte_budget: int | None,
-                        int8_options: bool = False):
+                        int8_options: bool = False, speed_caps: Path | None = None):
     if not allocate:
-        if analysis_dir is not None or byte_budget is not None or int8_options:
-            raise ConfigError("--analysis-dir, --byte-budget and --int8-options only apply with "
-                              "--allocate.")
+        if analysis_dir is not None or byte_budget is not None or int8_options or speed_caps is not None:
+            raise ConfigError("--analysis-dir, --byte-budget, --int8-options and --speed-caps only "
+                              "apply with --allocate.")
         return None
     if int8_options and byte_budget is None:
         raise ConfigError("--int8-options trades bytes: give --byte-budget with it.")
-    return {"analysis_dir": analysis_dir, "byte_budget": byte_budget, "int8_options": int8_options}
+    return {"analysis_dir": analysis_dir, "byte_budget": byte_budget, "int8_options": int8_options,
+            "speed_caps": speed_caps}
