@@ -161,7 +161,7 @@ def test_speed_caps_are_for_factored_storage_and_a_known_file(tmp_path):
     caps = SpeedCaps.load(_break_even_file(tmp_path, [((48, 32), 1, 12, 20)]))
     with pytest.raises(ConfigError, match="measured for factored storage"):
         allocate(analysis, param_ratio=0.8, storage="pivoted", speed_caps=caps)
-    with pytest.raises(ConfigError, match="no file .*kernel_bench.py --break-even"):
+    with pytest.raises(ConfigError, match=r"no file .*kernel_bench\.py --break-even"):
         SpeedCaps.load(tmp_path / "missing.json")
     (tmp_path / "other.json").write_text(json.dumps({"rows": [{"shape": [4, 4]}]}))
     with pytest.raises(ConfigError, match="not a break-even file"):
