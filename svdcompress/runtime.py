@@ -10,6 +10,12 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
   per sequence) is cast, multiplied and scaled on one thread. At decode sizes each cast is an
   OpenMP fork/join whose second thread mostly waits, and the memory-bound matmuls gain little
   from it (BENCHMARKS.md, issue 14); prefill-sized inputs keep every thread.
+- ``gemv``: at most ``SERIAL_ROWS`` float32 CPU rows (decode), the fused int8 GEMV of
+  :mod:`svdcompress.native` (C, compiled for this machine on first use): each int8 weight vector
+  is widened in registers and used at once, so the matrix is read once as bytes and never
+  converted; on one thread. Larger inputs (prefill), other dtypes and devices, and a machine
+  without a C compiler take ``dequant_serial``. Exact like ``dequant`` (float32 sums in another
+  order).
 - ``int_mm``: quantize each activation row (token) to int8 on the fly, ``torch._int_mm`` (int32
   accumulation), rescale by the two scales. Adds activation-quantization error.
 - ``fbgemm``: ``torch.ops.quantized.linear_dynamic`` on weights packed once (per-channel qint8):
@@ -49,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdcompress import native
 from svdcompress.errors import ConfigError
 
 __all__ = [
@@ -66,9 +73,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Kernel = Literal["auto", "dequant", "dequant_serial", "int_mm", "fbgemm", "int8pack", "float_cache"]
-KERNELS: tuple[str, ...] = ("auto", "dequant", "dequant_serial", "int_mm", "fbgemm", "int8pack", "float_cache")
-SERIAL_ROWS = 16  # dequant_serial: inputs of at most this many rows run on one thread
+Kernel = Literal["auto", "dequant", "dequant_serial", "gemv", "int_mm", "fbgemm", "int8pack", "float_cache"]
+KERNELS: tuple[str, ...] = ("auto", "dequant", "dequant_serial", "gemv", "int_mm", "fbgemm", "int8pack",
+                            "float_cache")
+SERIAL_ROWS = 16  # dequant_serial and gemv: inputs of at most this many rows run on one thread
 
 
 class _OneThread:
@@ -222,6 +230,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
         kernel = "dequant_serial"
     if kernel == "dequant":
         return _dequant(x, q, scale)
+    if kernel == "gemv":
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SERIAL_ROWS * x.shape[-1] \
+                and native.gemv_available():
+            y = native.int8_gemv(x.reshape(-1, x.shape[-1]), q, scale)
+            return y.reshape(*x.shape[:-1], q.shape[0])
+        kernel = "dequant_serial"
     if kernel == "dequant_serial":
         if x.device.type != "cpu" or x.numel() > SERIAL_ROWS * x.shape[-1] or torch.get_num_threads() == 1:
             return _dequant(x, q, scale)

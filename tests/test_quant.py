@@ -20,7 +20,7 @@ from svdcompress.modules import LowRankLinear
 from svdcompress.quantize import quantize_factors_, quantize_weights_
 from svdcompress.runtime import available_kernels, set_runtime
 
-EXACT_KERNELS = ["dequant", "dequant_serial", "int8pack", "float_cache"]  # weight-only: equal to the dequantized reference
+EXACT_KERNELS = ["dequant", "dequant_serial", "gemv", "int8pack", "float_cache"]  # weight-only: equal to the dequantized reference
 ACT_KERNELS = ["int_mm", "fbgemm"]  # also quantize activations: small extra error
 
 

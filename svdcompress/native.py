@@ -1,0 +1,99 @@
+"""The fused int8 GEMV (``kernels/int8_gemv.c``), compiled for this machine on first use.
+
+torch has no CPU op that multiplies float32 activations by int8 weights without converting the
+weights first (``_weight_int8pack_mm``'s float32 path is several times slower than a cast and a
+matmul, BENCHMARKS.md issue 4), and at decode sizes the conversion is the cost. The kernel widens
+each int8 weight vector in registers and uses it at once, so the weights are read once, as bytes.
+
+It is built with the system C compiler (``$CC``, else ``cc``) with ``-O3 -march=native`` into the
+cache (``$SVDCOMPRESS_CACHE/native``), keyed by the source, the compiler and the CPU, written to a
+temporary name and renamed, and loaded with ctypes. Without a compiler, or if the build fails, the
+callers fall back to the torch kernels (one warning per process); ``SVDCOMPRESS_NATIVE=0`` turns
+it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from svdcompress.fetch import cache_dir
+
+__all__ = ["gemv_available", "int8_gemv"]
+
+logger = logging.getLogger(__name__)
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+def _cpu_id() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else platform.processor()
+    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text)
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _build(source: bytes, compiler: str) -> Path:
+    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    library = cache_dir() / "native" / f"int8_gemv-{key}-{_cpu_id()}.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        src, out = Path(tmp) / "int8_gemv.c", Path(tmp) / library.name
+        src.write_bytes(source)
+        subprocess.run([compiler, *_FLAGS, "-o", str(out), str(src)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, library)  # another process may have built the same file: same bytes
+    return library
+
+
+@functools.cache
+def _library():
+    if os.environ.get("SVDCOMPRESS_NATIVE", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    try:
+        if compiler is None:
+            raise FileNotFoundError("no C compiler (cc, or $CC) on PATH")
+        source = resources.files("svdcompress.kernels").joinpath("int8_gemv.c").read_bytes()
+        lib = ctypes.CDLL(str(_build(source, compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        logger.warning("the fused int8 kernel is unavailable (%s%s); using torch's kernels instead",
+                       err, f": {detail.decode(errors='replace')[:300]}" if detail else "")
+        return None
+    function = lib.int8_gemv
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    function.restype = None
+    return function
+
+
+def gemv_available() -> bool:
+    """Whether the fused kernel is built and loaded (building it on first call)."""
+    return _library() is not None
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q · scale[:, None])ᵀ`` for float32 CPU ``x`` (M, in), int8 ``q`` (out, in) and float32
+    ``scale`` (out,), on the calling thread. Call :func:`gemv_available` first."""
+    # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
+    if (x.dtype, q.dtype, scale.dtype) != (torch.float32, torch.int8, torch.float32) or x.dim() != 2 \
+            or x.shape[1] != q.shape[1] or scale.shape != (q.shape[0],) or x.device.type != "cpu":
+        raise ValueError(f"int8_gemv needs float32 x (M, in), int8 q (out, in), float32 scale (out,) "
+                         f"on the CPU; got x {x.dtype} {tuple(x.shape)}, q {q.dtype} {tuple(q.shape)}, "
+                         f"scale {scale.dtype} {tuple(scale.shape)}")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    _library()(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0], q.shape[1])
+    return y
