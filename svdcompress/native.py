@@ -88,8 +88,10 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     """``x @ (q · scale[:, None])ᵀ`` for float32 CPU ``x`` (M, in), int8 ``q`` (out, in) and float32
     ``scale`` (out,), on the calling thread. Call :func:`gemv_available` first."""
     # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
-    if (x.dtype, q.dtype, scale.dtype) != (torch.float32, torch.int8, torch.float32) or x.dim() != 2 \
-            or x.shape[1] != q.shape[1] or scale.shape != (q.shape[0],) or x.device.type != "cpu":
+    # (is-comparisons and is_cpu: this runs twice per module per decoded token)
+    if x.dtype is not torch.float32 or q.dtype is not torch.int8 or scale.dtype is not torch.float32 \
+            or x.dim() != 2 or q.dim() != 2 or scale.dim() != 1 or x.shape[1] != q.shape[1] \
+            or scale.shape[0] != q.shape[0] or not (x.is_cpu and q.is_cpu and scale.is_cpu):
         raise ValueError(f"int8_gemv needs float32 x (M, in), int8 q (out, in), float32 scale (out,) "
                          f"on the CPU; got x {x.dtype} {tuple(x.shape)}, q {q.dtype} {tuple(q.shape)}, "
                          f"scale {scale.dtype} {tuple(scale.shape)}")
