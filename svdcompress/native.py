@@ -33,7 +33,8 @@ from svdcompress.fetch import cache_dir
 __all__ = ["gemv_available", "int8_gemv"]
 
 logger = logging.getLogger(__name__)
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-shared", "-fPIC")
+TARGET = "-march=native"  # the AVX-512, AVX2 or plain C path, as this CPU allows
 
 
 def _cpu_id() -> str:
@@ -43,8 +44,10 @@ def _cpu_id() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
-def _build(source: bytes, compiler: str) -> Path:
-    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+def build(source: bytes, compiler: str, target: str = TARGET) -> Path:
+    """The shared library of ``source`` for ``target`` (a -march flag), built once into the cache."""
+    flags = (*_FLAGS, target)
+    key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:12]
     library = cache_dir() / "native" / f"int8_gemv-{key}-{_cpu_id()}.so"
     if library.is_file():
         return library
@@ -52,10 +55,22 @@ def _build(source: bytes, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         src, out = Path(tmp) / "int8_gemv.c", Path(tmp) / library.name
         src.write_bytes(source)
-        subprocess.run([compiler, *_FLAGS, "-o", str(out), str(src)], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, "-o", str(out), str(src)], check=True, capture_output=True,
                        timeout=120)
         os.replace(out, library)  # another process may have built the same file: same bytes
     return library
+
+
+def source() -> bytes:
+    return resources.files("svdcompress.kernels").joinpath("int8_gemv.c").read_bytes()
+
+
+def load(library: Path):
+    """The kernel's C function from a built library, typed for ctypes."""
+    function = ctypes.CDLL(str(library)).int8_gemv
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    function.restype = None
+    return function
 
 
 @functools.cache
@@ -66,17 +81,12 @@ def _library():
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, or $CC) on PATH")
-        source = resources.files("svdcompress.kernels").joinpath("int8_gemv.c").read_bytes()
-        lib = ctypes.CDLL(str(_build(source, compiler)))
+        return load(build(source(), compiler))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         logger.warning("the fused int8 kernel is unavailable (%s%s); using torch's kernels instead",
                        err, f": {detail.decode(errors='replace')[:300]}" if detail else "")
         return None
-    function = lib.int8_gemv
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    function.restype = None
-    return function
 
 
 def gemv_available() -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +47,23 @@ def test_matches_float64_on_every_tile_and_tail(fresh_build, m, n, k):
     torch.testing.assert_close(native.int8_gemv(strided, q, scale).double(),
                                (strided.double() @ q.double().T) * scale.double(), rtol=1e-5, atol=1e-4)
     assert len(list((fresh_build / "native").glob("int8_gemv-*.so"))) == 1  # built once, cached
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("target", ["-march=x86-64-v4", "-march=x86-64-v3", "-march=x86-64"])
+def test_every_path_avx512_avx2_and_plain_c_gives_the_same_numbers(fresh_build, target):
+    """Each -march picks one path of the source; a CPU without AVX-512 runs only what it can."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
+    if needs is not None and needs not in flags.split():
+        pytest.skip(f"this CPU cannot run {target}")
+    function = native.load(native.build(native.source(), shutil.which("cc"), target))
+    for m, n, k in [(1, 9, 37), (7, 13, 300), (16, 6, 16)]:
+        x, q, scale, expected = _case(m, n, k, seed=k)
+        y = torch.empty(m, n)
+        function(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @needs_compiler

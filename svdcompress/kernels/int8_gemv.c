@@ -1,11 +1,50 @@
 #include <stdint.h>
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x (M, K) float32 and q (N, K) int8, row-major.
-   Tiles of 4 weight rows x 2 input rows: each int8 weight vector is widened in registers and used
-   by both input rows, each input vector by all four weight rows; q is read once, and never
-   converted into a float copy. */
-#if defined(__AVX2__) && defined(__FMA__)
+   Tiles of 4 weight rows x MR input rows (AVX-512: 4, AVX2: 2, plain C: 1): each int8 weight
+   vector is widened in registers and used by every input row of the tile, each input vector by
+   all four weight rows; q is read once per MR input rows, never converted into a float copy.
+   Which path is built follows the compiler's target (-march=native). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#define MR 4
+static inline __m512 widen16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* rows n..n+nr-1 (nr <= 4) of q against input rows m..m+mr-1 (mr <= 4): 16 accumulators */
+static void tile(const float *x, const int8_t *q, const float *scale, float *y,
+                 int64_t m, int mr, int64_t n, int nr, int64_t N, int64_t K) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    const int8_t *row[4];
+    const float *xs[4];
+    for (int j = 0; j < 4; ++j) row[j] = q + (n + (j < nr ? j : 0)) * K;
+    for (int i = 0; i < 4; ++i) xs[i] = x + (m + (i < mr ? i : 0)) * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm512_loadu_ps(xs[i] + k);
+        for (int j = 0; j < 4; ++j) {
+            __m512 w = widen16(row[j] + k);
+            for (int i = 0; i < 4; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], w, acc[i][j]);
+        }
+    }
+    if (k < K) {  /* the last K % 16 columns, masked: zeros elsewhere */
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+        __m512 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm512_maskz_loadu_ps(mask, xs[i] + k);
+        for (int j = 0; j < 4; ++j) {
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row[j] + k)));
+            for (int i = 0; i < 4; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], w, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) y[(m + i) * N + n + j] = _mm512_reduce_add_ps(acc[i][j]) * scale[n + j];
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MR 2
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -43,6 +82,7 @@ static void tile(const float *x, const int8_t *q, const float *scale, float *y,
     }
 }
 #else
+#define MR 1
 static void tile(const float *x, const int8_t *q, const float *scale, float *y,
                  int64_t m, int mr, int64_t n, int nr, int64_t N, int64_t K) {
     for (int i = 0; i < mr; ++i)
@@ -60,6 +100,6 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, float *y,
                int64_t M, int64_t N, int64_t K) {
     for (int64_t n = 0; n < N; n += 4) {
         int nr = N - n < 4 ? (int)(N - n) : 4;
-        for (int64_t m = 0; m < M; m += 2) tile(x, q, scale, y, m, M - m < 2 ? 1 : 2, n, nr, N, K);
+        for (int64_t m = 0; m < M; m += MR) tile(x, q, scale, y, m, M - m < MR ? (int)(M - m) : MR, n, nr, N, K);
     }
 }
