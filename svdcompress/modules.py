@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from svdcompress import native
 from svdcompress.linalg import (
     SUPPORTED_QUANT_BITS,
     Factors,
@@ -48,6 +49,7 @@ from svdcompress.runtime import (
     fbgemm_linear,
     fbgemm_usable,
     float_key,
+    gemv_usable,
     int8_linear,
 )
 
@@ -262,6 +264,11 @@ class LowRankLinear(nn.Module):
             for name in order:
                 packed = self._packs.get(name, buffers[f"{name}_q"], buffers[f"{name}_scale"])
                 flat = fbgemm_linear(flat, packed)
+            y = flat.reshape(*x.shape[:-1], self.out_features)
+        elif self.kernel == "gemv" and gemv_usable(x):  # decode: both factors in C, one reshape
+            flat = x.reshape(-1, x.shape[-1])
+            for name in order:
+                flat = native.int8_gemv(flat, buffers[f"{name}_q"], buffers[f"{name}_scale"])
             y = flat.reshape(*x.shape[:-1], self.out_features)
         else:
             y = x

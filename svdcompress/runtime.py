@@ -67,6 +67,7 @@ __all__ = [
     "fbgemm_linear",
     "fbgemm_usable",
     "float_key",
+    "gemv_usable",
     "int8_linear",
     "set_runtime",
 ]
@@ -167,6 +168,13 @@ def _fbgemm(x: torch.Tensor, packed: Any) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def gemv_usable(x: torch.Tensor) -> bool:
+    """Whether kernel ``gemv`` runs ``x`` natively: float32 on the CPU, at most ``SERIAL_ROWS`` rows,
+    and the library built."""
+    return (x.is_cpu and x.dtype is torch.float32 and x.numel() <= SERIAL_ROWS * x.shape[-1]
+            and native.gemv_available())
+
+
 def fbgemm_usable(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and fbgemm_available()
 
@@ -231,8 +239,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
     if kernel == "dequant":
         return _dequant(x, q, scale)
     if kernel == "gemv":
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SERIAL_ROWS * x.shape[-1] \
-                and native.gemv_available():
+        if gemv_usable(x):
             y = native.int8_gemv(x.reshape(-1, x.shape[-1]), q, scale)
             return y.reshape(*x.shape[:-1], q.shape[0])
         kernel = "dequant_serial"

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         new_tokens: Annotated[int, typer.Option(help="greedy tokens generated per decode run")] = 32,
         batch_sizes: Annotated[str, typer.Option(help="decode batch sizes, comma-separated")] = "1,8",
         kernel: Annotated[str, typer.Option(
-            help="int8 kernel: auto, dequant, dequant_serial, int_mm, fbgemm, int8pack, float_cache")] = "auto",
+            help="int8 kernel: auto, dequant, dequant_serial, gemv, int_mm, fbgemm, int8pack, float_cache")] = "auto",
         device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     ) -> None:
         """Prefill and decode tokens/s, peak RSS, bytes of weights and load time, side by side."""
