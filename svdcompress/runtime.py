@@ -33,14 +33,14 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
   memory traffic, and reading 4-byte factors costs more than casting 1-byte ones in cache. Kept
   for that comparison and for machines where the opposite holds.
 
-``auto`` (the default) is ``dequant_serial`` (``dequant`` until 2026-12-03): the fastest kernel
-whose output equals the dequantized model's; at 2 threads it decoded ×1.17 / ×1.14 dense (batch 1
-/ 8) where ``dequant`` did ×1.06 / ×0.99, and at 1 thread the two are the same code. On
-SmolLM2-135M at param_ratio 0.6 it decodes faster than the dense model, since it reads a quarter of the bytes per matrix; ``int_mm`` is faster again at a small measured cost in
-perplexity (+3 % on the INT8 baseline), ``fbgemm`` faster still at a large one. ``auto`` does
-not pick ``float_cache``: it is exact, but it holds the float factors in RAM and measured slower
-at decode. Choose with :func:`set_runtime` or
-``svdcompress bench --kernel``.
+``auto`` (the default) is ``gemv`` (``dequant_serial`` until 2026-12-04, ``dequant`` before
+2026-12-03): the fastest kernel whose output equals the dequantized model's. On SmolLM2-135M at
+param_ratio 0.6 with INT8 factors it decodes ×1.71 / ×1.91 dense float32 at 1 thread and
+×1.59 / ×1.85 at 2 (batch 1 / 8; ``dequant_serial``: ×1.59 / ×1.55 and ×1.30 / ×1.41 in the
+same rounds; BENCHMARKS.md issue 14). Prefill and anything ``gemv`` does not take run as
+``dequant_serial``. ``int_mm`` and ``fbgemm`` quantize activations and cost perplexity; ``auto``
+does not pick ``float_cache``: it is exact, but it holds the float factors in RAM and measured
+slower at decode. Choose with :func:`set_runtime` or ``svdcompress bench --kernel``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from svdcompress import native
 from svdcompress.errors import ConfigError
 
 __all__ = [
+    "AUTO_KERNEL",
     "KERNELS",
     "Kernel",
     "PackCache",
@@ -78,6 +79,7 @@ Kernel = Literal["auto", "dequant", "dequant_serial", "gemv", "int_mm", "fbgemm"
 KERNELS: tuple[str, ...] = ("auto", "dequant", "dequant_serial", "gemv", "int_mm", "fbgemm", "int8pack",
                             "float_cache")
 SERIAL_ROWS = 16  # dequant_serial and gemv: inputs of at most this many rows run on one thread
+AUTO_KERNEL = "gemv"  # what "auto" means (module docstring: why)
 
 
 class _OneThread:
@@ -235,7 +237,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: s
                 cache: PackCache | None = None, key: str = "") -> torch.Tensor:
     """``x @ (q · scale[:, None])ᵀ`` with the chosen kernel (no bias)."""
     if kernel == "auto":
-        kernel = "dequant_serial"
+        kernel = AUTO_KERNEL
     if kernel == "dequant":
         return _dequant(x, q, scale)
     if kernel == "gemv":
