@@ -30,7 +30,7 @@ import torch
 
 from svdcompress.fetch import cache_dir
 
-__all__ = ["gemv_available", "int8_gemv"]
+__all__ = ["TARGET", "build", "gemv_available", "int8_gemv", "load", "source"]
 
 logger = logging.getLogger(__name__)
 _FLAGS = ("-O3", "-shared", "-fPIC")
@@ -62,6 +62,7 @@ def build(source: bytes, compiler: str, target: str = TARGET) -> Path:
 
 
 def source() -> bytes:
+    """The kernel's C source, as the package ships it."""
     return resources.files("svdcompress.kernels").joinpath("int8_gemv.c").read_bytes()
 
 
