@@ -16,7 +16,8 @@ share the machine's background load; the median over rounds is reported.
     python experiments/kernel_bench.py --threads 1 --out experiments/results/kernels
 
 ``--break-even`` (issue 14) measures instead, at one token (decode) and for each thread count of
-``--break-even-threads``, dense against float factors and int8 factors (``dequant``) over a grid of
+``--break-even-threads``, dense against float factors and int8 factors (``--break-even-kernel``,
+default ``auto``; the committed break_even.json was measured with ``dequant``) over a grid of
 ranks, with **cold weights** (calls cycle through copies of the layer totalling 3× the L3 cache,
 as at decode, where each layer's weights are read once per token), and reports per shape the
 break-even rank: the largest rank of the grid below which the factored layer is faster than the
@@ -64,6 +65,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/kernels"))
     parser.add_argument("--break-even", action="store_true")
     parser.add_argument("--break-even-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--break-even-kernel", default="auto", help="the int8 factors' kernel")
     parser.add_argument("--rank-step", type=int, default=16)
     return parser.parse_args()
 
@@ -178,7 +180,7 @@ def _break_even_shape(out_f: int, in_f: int, args) -> dict:
     for _ in range(args.rounds):
         for r in ranks:
             mods = _modules(out_f, in_f, r)
-            mods["int8"].kernel = "dequant"
+            mods["int8"].kernel = args.break_even_kernel
             samples["dense@0"].append(_cold_us(mods["dense"], x, 4 * out_f * in_f))
             samples.setdefault(f"float@{r}", []).append(_cold_us(mods["float"], x, 4 * r * (out_f + in_f)))
             samples.setdefault(f"int8@{r}", []).append(_cold_us(mods["int8"], x, mods["int8"].weight_bytes()))
@@ -205,7 +207,8 @@ def break_even(args) -> None:
                 logger.info("%s threads=%d: dense %.1f µs, break-even float r=%d int8 r=%d (full %d)",
                             role, threads, row["us"]["dense@0"], row["break_even_float"],
                             row["break_even_int8"], row["full_param_rank"])
-    result = {"threads": args.break_even_threads, "rounds": args.rounds, "rank_step": args.rank_step,
+    result = {"threads": args.break_even_threads, "int8_kernel": args.break_even_kernel,
+              "rounds": args.rounds, "rank_step": args.rank_step,
               "torch": torch.__version__, "loadavg": [load_before, os.getloadavg()[0]], "rows": rows}
     write_results(args.out / "break_even.json", result)
     print("| layer (out×in) | full-param rank | threads | dense µs | break-even rank, float | int8 (dequant) |")
