@@ -103,7 +103,10 @@ def test_cli_compress_eval_export_end_to_end(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(plain).eval()
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(stock(prompt).logits, compressed(prompt).logits, rtol=1e-4, atol=1e-4)
+        # The exported product and the two factors round differently in float32 through 30 blocks:
+        # measured 4.5e-5 and 1.1e-4 at most on logits up to 27 in magnitude (runs on a busy and an
+        # idle machine); 1e-5 of that scale is the tolerance.
+        torch.testing.assert_close(stock(prompt).logits, compressed(prompt).logits, rtol=1e-4, atol=3e-4)
 
 
 @pytest.mark.slow
