@@ -383,6 +383,7 @@ def least_squares_left(
 
 # The two errors below go a band of rows at a time: whole float64 copies of a large weight, its
 # approximation and their difference were the peak of a streaming block (issue 12).
+_ERROR_COLUMNS = 1024  # relative_output_error: float32 Gram columns at a time
 _ERROR_ROWS = 512
 
 
@@ -401,15 +402,19 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torc
 
     The products run in float32 (half the time of float64; it is a report), on a difference formed
     in float64 first, so their rounding is relative to the error itself, not to W; sums in float64.
+    The Gram is taken in float32 a band of columns at a time: a whole float32 copy of a wide one
+    (TinyLlama's down_proj: 127 MB) would add to the peak of streaming compression.
     """
-    gram = gram.float()
     num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
     for start in range(0, weight.shape[0], _ERROR_ROWS):
         rows = weight[start:start + _ERROR_ROWS].double()
         diff = (rows - approx[start:start + _ERROR_ROWS].double()).float()
         rows = rows.float()
-        num = num + ((diff @ gram) * diff).sum(dtype=torch.float64)
-        den = den + ((rows @ gram) * rows).sum(dtype=torch.float64)
+        for column in range(0, gram.shape[1], _ERROR_COLUMNS):
+            band = gram[:, column:column + _ERROR_COLUMNS].float()
+            stop = column + band.shape[1]
+            num = num + ((diff @ band) * diff[:, column:stop]).sum(dtype=torch.float64)
+            den = den + ((rows @ band) * rows[:, column:stop]).sum(dtype=torch.float64)
     return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().item()
 
 
