@@ -44,7 +44,6 @@ from svdcompress.linalg import (
     quantize_symmetric,
 )
 from svdcompress.runtime import (
-    AUTO_KERNEL,
     PackCache,
     dequant_once,
     fbgemm_linear,
@@ -52,6 +51,7 @@ from svdcompress.runtime import (
     float_key,
     gemv_usable,
     int8_linear,
+    resolve_kernel,
 )
 
 __all__ = [
@@ -266,7 +266,7 @@ class LowRankLinear(nn.Module):
                 packed = self._packs.get(name, buffers[f"{name}_q"], buffers[f"{name}_scale"])
                 flat = fbgemm_linear(flat, packed)
             y = flat.reshape(*x.shape[:-1], self.out_features)
-        elif (AUTO_KERNEL if self.kernel == "auto" else self.kernel) == "gemv" and gemv_usable(x):
+        elif resolve_kernel(self.kernel) == "gemv" and gemv_usable(x):
             # decode: both factors in C, one reshape
             flat = x.reshape(-1, x.shape[-1])
             for name in order:

@@ -70,6 +70,7 @@ __all__ = [
     "float_key",
     "gemv_usable",
     "int8_linear",
+    "resolve_kernel",
     "set_runtime",
 ]
 
@@ -170,6 +171,11 @@ def _fbgemm(x: torch.Tensor, packed: Any) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def resolve_kernel(kernel: str) -> str:
+    """The kernel ``kernel`` names: ``auto`` is :data:`AUTO_KERNEL`, any other is itself."""
+    return AUTO_KERNEL if kernel == "auto" else kernel
+
+
 def gemv_usable(x: torch.Tensor) -> bool:
     """Whether kernel ``gemv`` runs ``x`` natively: float32 on the CPU, at most ``SERIAL_ROWS`` rows,
     and the library built."""
@@ -236,8 +242,7 @@ class PackCache:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: str = "auto", *,
                 cache: PackCache | None = None, key: str = "") -> torch.Tensor:
     """``x @ (q · scale[:, None])ᵀ`` with the chosen kernel (no bias)."""
-    if kernel == "auto":
-        kernel = AUTO_KERNEL
+    kernel = resolve_kernel(kernel)
     if kernel == "dequant":
         return _dequant(x, q, scale)
     if kernel == "gemv":
