@@ -154,7 +154,9 @@ def main() -> None:
     ratio_tag = f"p{round(args.param_ratio * 100):d}"
     start = f"{args.start} {ratio_tag}" + (f" blend{args.error_blend:g}" if args.error_blend else "")
     start_dir = args.out / start.replace(" ", "-")
-    if start not in rows:
+    # A new checkout keeps the results file but not the start model: compress it again (the
+    # engine is deterministic) and keep the row measured the first time.
+    if start not in rows or not (start_dir / "config.json").is_file():
         if args.start == "allocated":
             summary = api.compress(MODEL, start_dir, load_recipe(args.recipe), windows=64, seq_len=512,
                                    facts=0, device="cpu", overwrite=True)
@@ -163,10 +165,14 @@ def main() -> None:
             summary = api.compress(MODEL, start_dir, config,
                                    windows=64, seq_len=512, facts=0, device="cpu", overwrite=True,
                                    allocate=True, analysis_dir=args.analysis_dir)
-        rows[start] = {"command": command_line(), "param_ratio": summary["selected_param_ratio"],
-                                 "compress_seconds": summary["wall_seconds"],
-                                 **_evaluate(str(start_dir), args)}
-        _store(args, results)
+        if start not in rows:
+            rows[start] = {"command": command_line(), "param_ratio": summary["selected_param_ratio"],
+                           "compress_seconds": summary["wall_seconds"],
+                           **_evaluate(str(start_dir), args)}
+            _store(args, results)
+        elif abs(summary["selected_param_ratio"] - rows[start]["param_ratio"]) > 1e-9:
+            raise SystemExit(f"{start}: compressed again at param_ratio {summary['selected_param_ratio']}, "
+                             f"but its row says {rows[start]['param_ratio']}; the recipe changed")
 
     train, val = _windows(args)
     teacher, _ = load_model(MODEL)
