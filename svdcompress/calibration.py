@@ -89,19 +89,24 @@ class ModuleStats:
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.n_tokens, 1)
 
-    def from_gram(self, key: str, compute: Callable[[torch.Tensor], object]) -> object:
+    def from_gram(self, key: str, compute: Callable[[torch.Tensor], object], *,
+                  needed: bool = True) -> object:
         """``compute(gram)``, once for all the targets sharing this Gram matrix (q/k/v's
         eigendecomposition is one, not three). Kept until each sharer has asked once, then dropped,
-        so it does not outlive them; recomputed if the Gram matrix changed in place meanwhile."""
+        so it does not outlive them; recomputed if the Gram matrix changed in place meanwhile. A
+        sharer that does without it asks with ``needed=False`` (None back, nothing computed), so
+        that the value still goes after the last sharer."""
         memo = self.shared.memo
         entry = memo.get(key)
         if entry is None or entry[0] != self.gram._version:
-            value = compute(self.gram)
-            entry = memo[key] = [self.gram._version, value, 0]
+            entry = memo[key] = [self.gram._version, None, 0]
+        if needed and entry[1] is None:
+            entry[1] = compute(self.gram)
+            entry[0] = self.gram._version  # compute may symmetrise the Gram in place
         entry[2] += 1
         if entry[2] >= self.shared.users:
             del memo[key]
-        return entry[1]
+        return entry[1] if needed else None
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ __all__ = [
     "factored_params",
     "fisher_weighted_svd",
     "gram_eigen",
+    "needs_gram_eigen",
     "least_squares_left",
     "pivot_factors",
     "quantize_groupwise",
@@ -308,26 +309,61 @@ def gram_eigen(gram: torch.Tensor) -> _GramEigen:
     return _gram_eigen(gram, 1e-6)
 
 
+def needs_gram_eigen(weight: torch.Tensor) -> bool:
+    """Whether :func:`whitened_svd` decomposes the Gram matrix for this (out, in) weight: only when
+    it has at least as many rows as columns; a wider one needs W·G·Wᵀ alone."""
+    return weight.shape[0] >= weight.shape[1]
+
+
+def _largest_eigenvalue(gram: torch.Tensor, iterations: int = 30) -> float:
+    """λ_max of a positive semi-definite matrix by power iteration from a fixed start (a few n²
+    products: the clamping floor needs its order of magnitude, not its digits)."""
+    vector = torch.full((gram.shape[0],), gram.shape[0] ** -0.5, dtype=gram.dtype, device=gram.device)
+    value = 0.0
+    for _ in range(iterations):
+        product = gram @ vector
+        value = float(product.norm())
+        if value == 0.0:
+            return 0.0
+        vector = product / value
+    return value
+
+
+def _wide_whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Factors:
+    # (W S)(W S)ᵀ = W G Wᵀ: with fewer rows than columns the whitening matrix S is never needed,
+    # only the out×out product. The clamp of G's small eigenvalues that the tall path applies is
+    # replaced by the ridge G + δI, δ = 1e-6·λ_max: the same floor where it matters (directions
+    # the data never excites still carry W's own energy) without an n×n eigendecomposition.
+    ridge = 1e-6 * _largest_eigenvalue(gram)
+    weight_gram = _rows_times(weight, gram)  # W G (out, in)
+    for start in range(0, weight.shape[0], 512):
+        weight_gram[start:start + 512].add_(weight[start:start + 512].double(), alpha=ridge)
+    product = torch.empty(weight.shape[0], weight.shape[0], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], 512):  # (W G + δW) Wᵀ, a band of W's rows at a time
+        torch.matmul(weight_gram, weight[start:start + 512].double().T, out=product[:, start:start + 512])
+    del weight_gram
+    u, root, inv_root = _top_eigen(product, rank)
+    del product
+    return Factors(u * root, (u * inv_root).T @ weight.double())
+
+
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
                  eigen: _GramEigen | None = None) -> Factors:
     """Truncation-aware data whitening (SVD-LLM): minimises ‖(W − W')X‖ over rank-r W'.
 
-    With S = QΛ^½ from the Gram matrix and W·S = U Σ Vᵀ, the factors are U_r Σ_r^½ and
-    Σ_r^½ V_rᵀ S⁻¹. U (or V) and Σ come from the eigendecomposition of the smaller of (W·S)(W·S)ᵀ
-    (out × out) and (W·S)ᵀ(W·S) = S ᵀ(WᵀW)S (in × in) rather than from an SVD of W·S, the other
-    factor from W itself (Σ_r^-½ U_rᵀ W, or W·S V_r Σ_r^-½): no (out × in) float64 matrix beyond a
-    wide W·Q, no SVD workspace, and with fewer rows than columns (down_proj) Q goes as soon as W·Q
-    is formed. ``gram`` is symmetrised in place (see :func:`_gram_eigen`) unless ``eigen``, its
+    With S = QΛ^½ from the Gram matrix G = XXᵀ and W·S = U Σ Vᵀ, the factors are U_r Σ_r^½ and
+    Σ_r^½ V_rᵀ S⁻¹ = Σ_r^-½ U_rᵀ W. U (or V) and Σ come from the eigendecomposition of the smaller
+    of (W·S)(W·S)ᵀ = W G Wᵀ (out × out) and (W·S)ᵀ(W·S) = S ᵀ(WᵀW)S (in × in) rather than from an
+    SVD of W·S. A wide weight (fewer rows than columns: k/v, down_proj) needs only W G Wᵀ, so
+    G is never decomposed (:func:`needs_gram_eigen`; its small eigenvalues get a ridge instead of
+    the clamp, :func:`_wide_whitened_svd`); a tall or square one decomposes G (clamped, see
+    :func:`_gram_eigen`, which symmetrises ``gram`` in place) unless ``eigen``, its
     :func:`gram_eigen` computed beforehand, is given.
     """
+    if not needs_gram_eigen(weight):
+        return _wide_whitened_svd(weight, gram, rank)
     eigen = gram_eigen(gram) if eigen is None else eigen
     notes = (f"gram: {eigen.n_clamped} eigenvalues clamped to 1e-6·λmax",) if eigen.n_clamped else ()
-    if weight.shape[0] < weight.shape[1]:
-        whitened = _rows_times(weight, eigen.eigvecs).mul_(eigen.root)  # W S (out, in)
-        del eigen
-        u, root, inv_root = _top_eigen(whitened @ whitened.T, rank)
-        del whitened
-        return Factors(u * root, (u * inv_root).T @ weight.double(), notes)
     s = eigen.eigvecs * eigen.root  # S (in, in)
     wtw = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
     for start in range(0, weight.shape[0], 512):  # WᵀW, a band of rows at a time

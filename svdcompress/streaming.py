@@ -149,12 +149,19 @@ class MemoryEstimate:
                 f"this process {format_bytes(self.process)}")
 
 
+def _whitening_bytes(out_features: int, in_features: int) -> int:
+    if out_features < in_features:
+        return (2 * out_features * in_features + out_features**2) * 8
+    return 2 * in_features**2 * 8
+
+
 def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_aware: bool) -> int:
     """One block's Gram matrices (float64) and the float64 workspace of its largest factorization.
 
-    The whitening eigendecomposition of an n×n Gram holds three n×n float64 matrices at once (the
-    Gram, its symmetrised copy that LAPACK's ``syevr`` destroys, the eigenvectors; see
-    ``linalg._gram_eigen``); an SVD of an m×n weight about three m×n ones.
+    Whitening a tall or square weight decomposes its n×n Gram in place and holds two n×n float64
+    matrices more (the eigenvectors and S); a wide (m < n) one never decomposes it and holds W·G
+    and W in float64 and the m×m W·G·Wᵀ (``linalg.whitened_svd``); an SVD of an m×n weight about
+    three m×n ones.
     """
     per_block: dict[int, list[Target]] = {}
     for target in targets:
@@ -167,8 +174,8 @@ def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_awa
             continue
         copies = 3 if config.update else 1  # + Σ x x'ᵀ and Σ x xᵀ of the original stream
         grams = sum(copies * t.in_features**2 * 8 for t in block_targets)
-        largest = max(t.in_features**2 * 8 for t in block_targets)
-        worst = max(worst, grams + 2 * largest + svd)
+        largest = max(_whitening_bytes(t.out_features, t.in_features) for t in block_targets)
+        worst = max(worst, grams + largest + svd)
     return worst
 
 

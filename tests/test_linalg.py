@@ -75,9 +75,10 @@ def test_whitening_survives_singular_gram():
     white = linalg.whitening(x.T @ x)
     assert white.n_clamped == 5
     assert torch.isfinite(white.s_inv).all()
-    factors = linalg.whitened_svd(_random((4, 8), 1), x.T @ x, 2)
-    assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
-    assert any("clamped" in note for note in factors.notes)
+    for shape in [(4, 8), (10, 8)]:  # wide: no eigendecomposition of G; tall: G clamped
+        factors = linalg.whitened_svd(_random(shape, 1), x.T @ x, 2)
+        assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
+        assert any("clamped" in note for note in factors.notes) is (shape == (10, 8))
 
 
 def test_whitening_survives_indefinite_gram():
@@ -113,18 +114,41 @@ def test_break_even_rank_is_the_last_rank_that_saves(out, inp):
     assert linalg.factored_params(out, inp, r + 1) >= out * inp
 
 
-@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])  # wide: eigh of (WS)(WS)ᵀ; tall: SVD of WS
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (8, 8)])  # wide: eigh of W G Wᵀ; tall/square: of G
 def test_whitened_svd_is_the_best_rank_r_fit_in_the_whitened_norm(shape):
     weight = _random(shape, 0)
     x = _random((50, shape[1]), 1) * torch.linspace(0.1, 3, shape[1], dtype=torch.float64)
     gram = x.T @ x
     gram[3, 1] += 1e-9  # the two triangles of a blocked XᵀX can differ; the lower one counts
+    given = gram.clone()
     symmetric = gram.tril() + gram.tril(-1).T
     eigvals, eigvecs = torch.linalg.eigh(symmetric)
     s = eigvecs * eigvals.sqrt()
     u, sigma, vh = torch.linalg.svd(weight @ s)
     best = (u[:, :3] * sigma[:3]) @ vh[:3] @ torch.linalg.inv(s)
     factors = linalg.whitened_svd(weight, gram, 3)
-    torch.testing.assert_close(factors.product(), best, rtol=1e-9, atol=1e-10)
-    assert torch.equal(gram, symmetric)  # decomposed in place, given back exactly symmetric
-    torch.testing.assert_close(factors.left.norm(dim=0), sigma[:3].sqrt(), rtol=1e-9, atol=0)  # U√Σ
+    wide = shape[0] < shape[1]
+    assert linalg.needs_gram_eigen(weight) is not wide
+    # The wide path's ridge (1e-6·λmax) moves the factors in the least excited directions by about
+    # δ/λ (1e-3 here), and the output error only at second order.
+    tolerance = 1e-4 if wide else 1e-9
+    torch.testing.assert_close(factors.product(), best, rtol=tolerance, atol=tolerance / 10)
+    error = linalg.relative_output_error(weight, factors.product(), symmetric)
+    assert error == pytest.approx(linalg.relative_output_error(weight, best, symmetric), rel=tolerance / 100)
+    # decomposed in place and given back exactly symmetric, or (wide) never touched
+    assert torch.equal(gram, given if wide else symmetric)
+    torch.testing.assert_close(factors.left.norm(dim=0), sigma[:3].sqrt(), rtol=tolerance, atol=0)  # U√Σ
+
+
+def test_wide_whitened_svd_spends_rank_beyond_the_data_on_the_weight_itself():
+    """2 calibration tokens, rank 4: the ridge gives the 2 directions the data never excites
+    W's own energy (as the clamp does on the tall path) rather than zero factors."""
+    weight, x = _random((6, 20), 0), _random((2, 20), 1)
+    errors = []
+    for rank in (2, 4):
+        factors = linalg.whitened_svd(weight, x.T @ x, rank)
+        assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
+        assert (factors.left.norm(dim=0) > 0).all()
+        assert linalg.relative_output_error(weight, factors.product(), x.T @ x) < 1e-3  # ≈ exact on the data
+        errors.append(linalg.relative_weight_error(weight, factors.product()))
+    assert errors[1] < errors[0] - 0.2

@@ -2,7 +2,7 @@
 
 from svdcompress.config import WhitenConfig
 from svdcompress.errors import ConfigError
-from svdcompress.linalg import blended_target, gram_eigen, whitened_svd
+from svdcompress.linalg import blended_target, gram_eigen, needs_gram_eigen, whitened_svd
 from svdcompress.methods import register
 
 
@@ -13,8 +13,9 @@ def factorize(weight, rank, stats, extra, config):
                               "compressed model's; this path does not track them. Use compress_ "
                               "(not streaming) or error_blend=0.")
         weight = blended_target(weight, stats.gram, stats.cross, config.error_blend)
-    # q/k/v (and gate/up) share one Gram matrix: decompose it once for all of them.
-    return whitened_svd(weight, stats.gram, rank, eigen=stats.from_gram("eigen", gram_eigen))
+    # q/k/v (and gate/up) share one Gram matrix: decompose it once for those that need it.
+    eigen = stats.from_gram("eigen", gram_eigen, needed=needs_gram_eigen(weight))
+    return whitened_svd(weight, stats.gram, rank, eigen=eigen)
 
 
 register(WhitenConfig, factorize)
