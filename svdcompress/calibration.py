@@ -206,6 +206,8 @@ def gather_block_stats(
     batch_cache: dict[tuple, tuple] = {}
     added: dict[int, tuple] = {}  # id of a shared Gram -> the input added to it in this batch
     seen: set[str] = set()
+    fed: dict[tuple, int] = {}  # input key -> how many of its sharers took it in this batch
+    sharing_known = False  # after the first batch: each shared input's number of sharers
 
     def remember_original(name):
         def hook(_module, args, _output):
@@ -238,6 +240,12 @@ def gather_block_stats(
                     "tensor in the first calibration batch) but was fed another tensor in a later one."
                 )
             entry.n_tokens += x.shape[0]
+            fed[key] = fed.get(key, 0) + 1
+            if sharing_known and fed[key] == entry.shared.users:
+                # Its last sharer has it: no later input can be mistaken for it, so let it go
+                # (down_proj's statistics, the block's peak, then run without q/k/v's, o's and
+                # gate/up's inputs held).
+                batch_cache.pop(key, None)
             if name in original_inputs:
                 x_orig = original_inputs[name]
                 cross = (x_orig.T @ x).double()
@@ -261,6 +269,7 @@ def gather_block_stats(
             batch_cache.clear()
             added.clear()
             seen.clear()
+            fed.clear()
             # Pre-hooks: the statistics need each target's input, never its output.
             with forward_hooks({m: accumulate(n) for n, m in modules.items()}, pre=True), \
                     contextlib.suppress(_BlockStatisticsComplete):
@@ -269,6 +278,7 @@ def gather_block_stats(
                     next_original.append(outputs)
             _check_sharers_ran(stats, seen)
             original_inputs.clear()
+            sharing_known = True
     for name, module in modules.items():  # a target no batch reached (never so in a dense block)
         stats.setdefault(name, _empty_stats(module))
     for gram in {id(entry.gram): entry.gram for entry in stats.values()}.values():

@@ -345,6 +345,33 @@ def test_block_statistics_are_shared_exact_and_stop_at_the_last_target(tiny_llam
         assert stats[name].n_tokens == tiny_windows.numel()
 
 
+def test_a_shared_input_is_released_once_its_last_sharer_has_it(tiny_llama, tiny_windows):
+    """The statistics pass holds each batch's inputs so that a reused address is never taken for a
+    shared input; from the second batch on, once the number of sharers is known, q/k/v's input is
+    let go after v_proj has it: down_proj (the block's peak) runs without it held."""
+    import weakref
+
+    from svdcompress import calibration
+
+    block = tiny_llama.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    modules = {n: block.get_submodule(n) for n in names}
+    calls = calibration.capture_block_inputs(tiny_llama, block, list(tiny_windows.split(2)))
+    q_input, alive_at_down = [], []
+
+    def remember(_module, args, _kwargs):
+        q_input.append(weakref.ref(args[0]))
+
+    def check(_module, _args, _kwargs):
+        alive_at_down.append(q_input[-1]() is not None)
+
+    hooks = {block.self_attn.q_proj: remember, block.mlp.down_proj: check}
+    with calibration.forward_hooks(hooks, pre=True):
+        calibration.gather_block_stats(block, modules, calls, [c.hidden for c in calls], None)
+    assert alive_at_down == [True, False]  # first batch: sharers being counted; then released
+
+
 def test_sharers_decompose_their_gram_once_and_get_the_same_factors(tiny_llama, tiny_windows, monkeypatch):
     """q/k/v and gate/up share one Gram matrix, so whiten decomposes it once per block: 3 times
     (q/k/v, o, gate/up; the wide k, v and down_proj need no eigendecomposition), and each factor
