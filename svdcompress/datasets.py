@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from svdcompress.errors import DatasetError
+from svdcompress.errors import DatasetError, FetchError
 from svdcompress.fetch import (
     atomic_directory,
     atomic_write_json,
@@ -445,7 +445,12 @@ def _bigbench_folder() -> Path:
     missing = [name for name in BIGBENCH_FILES if not (folder / name).is_file()]
     if not missing:
         return folder
-    archive = fetch_pypi(*_BIGBENCH, source=True)
+    try:
+        archive = fetch_pypi(*_BIGBENCH, source=True)
+    except FetchError as err:
+        raise DatasetError(f"the BIG-bench facts and questions come from the source package "
+                           f"{_BIGBENCH[0]}=={_BIGBENCH[1]}, which could not be fetched: {err} "
+                           "Evaluation runs without them with --facts 0 (evaluate_model(facts=0)).") from err
     if folder.exists():
         logger.info("%s lacks %s; extracting the task files again", folder, ", ".join(missing))
         stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")

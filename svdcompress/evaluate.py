@@ -446,6 +446,8 @@ def evaluate_model(
     ``facts`` is a number of facts from :func:`load_facts` (seed 0), a list of facts, or None/0 to
     skip. Returns a JSON-serialisable dict.
     """
+    # The facts first: a source that cannot be fetched fails before minutes of perplexity.
+    chosen = (load_facts(facts) if isinstance(facts, int) else list(facts)) if facts else []
     settings = {
         "data": data,
         "seq_len": seq_len,
@@ -471,8 +473,7 @@ def evaluate_model(
         result["fidelity"] = logits_fidelity(
             model, reference, windows, batch_size=batch_size
         ).to_dict()
-    if facts:
-        chosen = load_facts(facts) if isinstance(facts, int) else list(facts)
+    if chosen:
         result["facts"] = fact_recall(model, tokenizer, chosen).to_dict()
     if generation:
         result["generation"] = generation_quality(model, tokenizer).to_dict()

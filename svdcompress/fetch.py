@@ -214,7 +214,11 @@ def _download_sdist(name: str, version: str, dest: Path) -> None:
         raise FetchError(f"could not list the files of {name} on {index_url()}: {err}; {offline}.") from err
     wanted = [f for f in files if _matches(f["filename"], name, version, source=True)]
     if not wanted:
-        raise FetchError(f"{index_url()} has no source distribution of {spec}; check the name and version.")
+        listed = sorted({f["filename"] for f in files})
+        raise FetchError(
+            f"{index_url()} has no source distribution of {spec} (it lists: {', '.join(listed) or 'nothing'}); "
+            f"check the name and version, point ${INDEX_ENV} at an index that has it, or put the file "
+            f"in {cache_subdir('downloads')}.")
     entry, digest = wanted[0], hashlib.sha256()
     logger.info("downloading %s from %s (source)", spec, index_url())
     try:

@@ -97,6 +97,19 @@ def make_char_tokenizer():
     )
 
 
+@pytest.fixture(scope="session")
+def real_bigbench():
+    """The real BIG-bench files (facts, questions), or a skip saying why they could not be fetched:
+    bigbench 1.0.0, their only source, left this machine's PyPI view on 2026-12-04."""
+    from svdcompress import datasets
+    from svdcompress.errors import DatasetError
+
+    try:
+        return datasets.bigbench_file("qa_wikidata/task.json")
+    except DatasetError as err:
+        pytest.skip(str(err))
+
+
 @pytest.fixture
 def char_tokenizer():
     return make_char_tokenizer()

@@ -156,7 +156,7 @@ def test_evaluate_tasks_prefix_sharing_switch(fake_sources):  # noqa: F811
 
 
 @pytest.mark.real
-def test_same_task_results_as_hflm_on_smollm2(smollm2):
+def test_same_task_results_as_hflm_on_smollm2(smollm2, real_bigbench):
     model, tokenizer = smollm2
     # The 3 TruthfulQA questions with fewest choices (3, 2, 4), to keep HFLM's run short.
     mc2 = _assert_same_task_results(model, tokenizer, "truthfulqa_mc2",

@@ -53,7 +53,7 @@ def test_real_splits_are_disjoint_with_documented_counts():
     assert not any("[Applause]" in text for text in datasets.load_documents("sotu", "eval"))
 
 
-def test_facts_are_real_fixed_and_split():
+def test_facts_are_real_fixed_and_split(real_bigbench):
     facts = datasets.load_facts(300)
     assert len(facts) == 300 and facts == datasets.load_facts(300)
     assert all(f.prompt and f.answer for f in facts)
@@ -63,7 +63,7 @@ def test_facts_are_real_fixed_and_split():
         assert datasets.bigbench_file(kept).is_file()
 
 
-def test_smollm2_does_not_loop_and_recalls_some_facts(smollm2):
+def test_smollm2_does_not_loop_and_recalls_some_facts(smollm2, real_bigbench):
     model, tokenizer = smollm2
     quality = evaluate.generation_quality(model, tokenizer, max_new_tokens=24)
     assert quality.repetition_rate < 0.5 and quality.distinct_2 > 0.5
@@ -90,7 +90,7 @@ def test_cli_compress_eval_export_end_to_end(tmp_path):
     assert config["config"]["method"] == "whiten" and len(config["modules"]) == 90
     assert config["base_model"] == "smollm2-135m" and "wiki:calib" in config["calibration"]
 
-    result = runner.invoke(app, ["eval", str(out), "--windows", "8", "--seq-len", "256",
+    result = runner.invoke(app, ["eval", str(out), "--windows", "8", "--seq-len", "256", "--facts", "0",
                                  "--second-domain", "none", "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     ppl = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]

@@ -228,7 +228,7 @@ def test_cli_without_lm_eval_names_the_extra(monkeypatch):
 
 
 @pytest.mark.real
-def test_real_smollm2_tasks_above_chance_on_a_few_items(smollm2):
+def test_real_smollm2_tasks_above_chance_on_a_few_items(smollm2, real_bigbench):
     model, tokenizer = smollm2
     result = evaluate_tasks(model, tokenizer, ["general_knowledge", "arc_style"], limit=30)
     for task in result["tasks"].values():
