@@ -71,6 +71,20 @@ def test_source_download_is_checked_against_the_index_sha256(isolated_cache, mon
     assert not list(fetch.cache_subdir("downloads").iterdir())  # nothing half-written
 
 
+def test_a_version_the_index_lacks_names_what_it_has_and_the_ways_out(isolated_cache, monkeypatch):
+    """What happened to bigbench 1.0.0 on 2026-12-04: the index lists only 0.0.1."""
+    listing = {"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "https://files/old.tar.gz", "hashes": {}}]}
+    monkeypatch.setattr(fetch, "_open_url", lambda url, accept=None: io.BytesIO(json.dumps(listing).encode()))
+    with pytest.raises(FetchError, match=r"bigbench==1\.0\.0 \(it lists: bigbench-0\.0\.1\.tar\.gz\).*"
+                                         r"SVDCOMPRESS_PYPI_INDEX.*downloads"):
+        fetch.fetch_pypi("bigbench", "1.0.0", source=True)
+    from svdcompress import datasets
+    from svdcompress.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"facts and questions.*--facts 0"):
+        datasets.load_facts(3)
+
+
 def test_pip_failure_names_the_package_and_pypi(isolated_cache, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: No matching distribution")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
