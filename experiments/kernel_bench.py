@@ -211,7 +211,7 @@ def break_even(args) -> None:
               "rounds": args.rounds, "rank_step": args.rank_step,
               "torch": torch.__version__, "loadavg": [load_before, os.getloadavg()[0]], "rows": rows}
     write_results(args.out / "break_even.json", result)
-    print("| layer (out×in) | full-param rank | threads | dense µs | break-even rank, float | int8 ({args.break_even_kernel}) |")
+    print(f"| layer (out×in) | full-param rank | threads | dense µs | break-even rank, float | int8 ({args.break_even_kernel}) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['role']} ({row['shape'][0]}×{row['shape'][1]}) | {row['full_param_rank']} | "

@@ -32,8 +32,8 @@ __all__ = [
     "factored_params",
     "fisher_weighted_svd",
     "gram_eigen",
-    "needs_gram_eigen",
     "least_squares_left",
+    "needs_gram_eigen",
     "pivot_factors",
     "quantize_groupwise",
     "quantize_symmetric",
@@ -309,10 +309,10 @@ def gram_eigen(gram: torch.Tensor) -> _GramEigen:
     return _gram_eigen(gram, 1e-6)
 
 
-def needs_gram_eigen(weight: torch.Tensor) -> bool:
-    """Whether :func:`whitened_svd` decomposes the Gram matrix for this (out, in) weight: only when
-    it has at least as many rows as columns; a wider one needs W·G·Wᵀ alone."""
-    return weight.shape[0] >= weight.shape[1]
+def needs_gram_eigen(shape: tuple[int, int]) -> bool:
+    """Whether :func:`whitened_svd` decomposes the Gram matrix for a weight of this (out, in) shape:
+    only when it has at least as many rows as columns; a wider one needs W·G·Wᵀ alone."""
+    return shape[0] >= shape[1]
 
 
 def _largest_eigenvalue(gram: torch.Tensor, iterations: int = 30) -> float:
@@ -360,7 +360,7 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *,
     :func:`_gram_eigen`, which symmetrises ``gram`` in place) unless ``eigen``, its
     :func:`gram_eigen` computed beforehand, is given.
     """
-    if not needs_gram_eigen(weight):
+    if not needs_gram_eigen(weight.shape):
         return _wide_whitened_svd(weight, gram, rank)
     eigen = gram_eigen(gram) if eigen is None else eigen
     notes = (f"gram: {eigen.n_clamped} eigenvalues clamped to 1e-6·λmax",) if eigen.n_clamped else ()

@@ -64,6 +64,7 @@ from svdcompress.compress import (
 )
 from svdcompress.config import CompressionConfig
 from svdcompress.errors import CalibrationError, CheckpointError, ConfigError, ModelLoadError
+from svdcompress.linalg import needs_gram_eigen
 from svdcompress.methods import get_method
 from svdcompress.modules import stored_numbers
 from svdcompress.targets import Target, decoder_blocks, find_targets
@@ -150,9 +151,9 @@ class MemoryEstimate:
 
 
 def _whitening_bytes(out_features: int, in_features: int) -> int:
-    if out_features < in_features:
-        return (2 * out_features * in_features + out_features**2) * 8
-    return 2 * in_features**2 * 8
+    if needs_gram_eigen((out_features, in_features)):
+        return 2 * in_features**2 * 8
+    return (2 * out_features * in_features + out_features**2) * 8
 
 
 def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_aware: bool) -> int:

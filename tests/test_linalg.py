@@ -128,7 +128,7 @@ def test_whitened_svd_is_the_best_rank_r_fit_in_the_whitened_norm(shape):
     best = (u[:, :3] * sigma[:3]) @ vh[:3] @ torch.linalg.inv(s)
     factors = linalg.whitened_svd(weight, gram, 3)
     wide = shape[0] < shape[1]
-    assert linalg.needs_gram_eigen(weight) is not wide
+    assert linalg.needs_gram_eigen(weight.shape) is not wide
     # The wide path's ridge (1e-6·λmax) moves the factors in the least excited directions by about
     # δ/λ (1e-3 here), and the output error only at second order.
     tolerance = 1e-4 if wide else 1e-9

@@ -14,7 +14,7 @@ def factorize(weight, rank, stats, extra, config):
                               "(not streaming) or error_blend=0.")
         weight = blended_target(weight, stats.gram, stats.cross, config.error_blend)
     # q/k/v (and gate/up) share one Gram matrix: decompose it once for those that need it.
-    eigen = stats.from_gram("eigen", gram_eigen, needed=needs_gram_eigen(weight))
+    eigen = stats.from_gram("eigen", gram_eigen, needed=needs_gram_eigen(weight.shape))
     return whitened_svd(weight, stats.gram, rank, eigen=eigen)
 
 
