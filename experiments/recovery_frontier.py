@@ -201,7 +201,8 @@ def main() -> None:
         out = args.out / f"{start_dir.name}-rec-{args.data}-h{args.hidden_weight:g}-s{args.steps}-lr{best['lr']:g}"
         report = _recover(start_dir, out, _settings(args, best["lr"], args.steps), train)
         student, _ = load(out)
-        rows[name] = {"command": command_line(), "data": args.data, "hidden_weight": args.hidden_weight,
+        rows[name] = {"command": command_line(), "data": args.data, "train_windows": len(train),
+                      "hidden_weight": args.hidden_weight,
                       "param_ratio": rows[start]["param_ratio"], "lr": best["lr"],
                       "steps": args.steps, "tokens": args.steps * args.batch_size * args.seq_len,
                       "recover_seconds": report["wall_seconds"], "threads": args.threads,

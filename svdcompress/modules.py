@@ -282,13 +282,27 @@ class LowRankLinear(nn.Module):
     def _forward_pivoted(self, x: torch.Tensor) -> torch.Tensor:
         # The pivot columns of x pass straight through; the others are folded into them by coupling.
         permutation = self._buffers["permutation"]
-        pivot = x.index_select(-1, permutation[: self.rank])  # (..., r)
-        rest = x.index_select(-1, permutation[self.rank :])  # (..., in − r)
-        mixed = pivot + self._apply_matrix("coupling", rest)  # (..., r)
+        if self.quant_bits is not None and resolve_kernel(self.kernel) == "gemv" and gemv_usable(x):
+            # decode: the gather, both matrices and the bias in one C call (a trained bias after it)
+            buffers, bias = self._buffers, self.bias
+            trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+            y = native.int8_pivoted_gemv(
+                x.reshape(-1, x.shape[-1]), permutation, buffers["coupling_q"], buffers["coupling_scale"],
+                buffers["left_q"], buffers["left_scale"], None if trained_bias else bias)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + bias if trained_bias else y
+        # On 2-D rows: index_select along the last dim of a 3-D tensor measured 4x slower on one
+        # thread and 40-100x slower on two (BENCHMARKS.md, issue 14, pivoted prefill).
+        flat = x.reshape(-1, x.shape[-1])  # (M, in)
+        pivot = flat.index_select(1, permutation[: self.rank])  # (M, r)
+        rest = flat.index_select(1, permutation[self.rank :])  # (M, in − r)
+        mixed = pivot + self._apply_matrix("coupling", rest)  # (M, r)
         if self.quant_bits is None:
-            return F.linear(mixed, self.left, self.bias)  # (..., out)
-        y = self._apply_matrix("left", mixed)
-        return y if self.bias is None else y + self.bias
+            y = F.linear(mixed, self.left, self.bias)  # (M, out)
+        else:
+            y = self._apply_matrix("left", mixed)
+            y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply_matrix(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ Mᵀ`` for one stored matrix: float, or int8 through the module's kernel."""

@@ -30,7 +30,7 @@ import torch
 
 from svdcompress.fetch import cache_dir
 
-__all__ = ["TARGET", "build", "gemv_available", "int8_gemv", "load", "source"]
+__all__ = ["TARGET", "build", "gemv_available", "int8_gemv", "int8_pivoted_gemv", "load", "source"]
 
 logger = logging.getLogger(__name__)
 _FLAGS = ("-O3", "-shared", "-fPIC")
@@ -66,12 +66,14 @@ def source() -> bytes:
     return resources.files("svdcompress.kernels").joinpath("int8_gemv.c").read_bytes()
 
 
-def load(library: Path):
-    """The kernel's C function from a built library, typed for ctypes."""
-    function = ctypes.CDLL(str(library)).int8_gemv
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    function.restype = None
-    return function
+def load(library: Path) -> ctypes.CDLL:
+    """A built library, its functions (``int8_gemv``, ``int8_pivoted_gemv``) typed for ctypes."""
+    functions = ctypes.CDLL(str(library))
+    functions.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    functions.int8_gemv.restype = None
+    functions.int8_pivoted_gemv.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4
+    functions.int8_pivoted_gemv.restype = ctypes.c_int
+    return functions
 
 
 @functools.cache
@@ -108,5 +110,51 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
                          f"scale {scale.dtype} {tuple(scale.shape)}")
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-    _library()(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0], q.shape[1])
+    _library().int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0],
+                         q.shape[1])
+    return y
+
+
+def _int8_matrix(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> bool:
+    return (q.dtype is torch.int8 and scale.dtype is torch.float32 and q.shape == (rows, cols)
+            and scale.shape == (rows,) and q.is_cpu and scale.is_cpu)
+
+
+def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: torch.Tensor,
+                      coupling_scale: torch.Tensor, left_q: torch.Tensor, left_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """A pivoted-storage int8 layer in one call on the calling thread: ``left · (x[:, p[:r]] +
+    coupling · x[:, p[r:]]) + bias`` for float32 CPU ``x`` (M, in), the int64 column permutation
+    ``p`` (in,), int8 ``coupling`` (r, in − r) and ``left`` (out, r) with float32 per-row scales,
+    and ``bias`` (out,) or None. Call :func:`gemv_available` first."""
+    # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
+    if x.dim() == 2 and left_q.dim() == 2:
+        (rows, width), (out, rank) = x.shape, left_q.shape
+    else:
+        rows = width = out = rank = -1
+    if not (x.dtype is torch.float32 and x.is_cpu and rows >= 0
+            and permutation.dtype is torch.int64 and permutation.shape == (width,) and permutation.is_cpu
+            and 1 <= rank <= width and _int8_matrix(coupling_q, coupling_scale, rank, width - rank)
+            and _int8_matrix(left_q, left_scale, out, rank)
+            and (bias is None or (bias.dtype is torch.float32 and bias.shape == (out,) and bias.is_cpu))):
+        shapes = {name: (t.dtype, tuple(t.shape)) if t is not None else None for name, t in [
+            ("x", x), ("permutation", permutation), ("coupling_q", coupling_q),
+            ("coupling_scale", coupling_scale), ("left_q", left_q), ("left_scale", left_scale),
+            ("bias", bias)]}
+        raise ValueError(f"int8_pivoted_gemv needs float32 x (M, in), int64 permutation (in,), int8 "
+                         f"coupling (r, in - r) and left (out, r) with float32 row scales, float32 bias "
+                         f"(out,) or None, all on the CPU; got {shapes}")
+    # contiguous() may copy: the copies are named so that they outlive the call
+    x, permutation, coupling_q, coupling_scale, left_q, left_scale = (t.contiguous() for t in (
+        x, permutation, coupling_q, coupling_scale, left_q, left_scale))
+    bias = None if bias is None else bias.contiguous()
+    work = torch.empty(rows * width, dtype=torch.float32)
+    y = torch.empty(rows, out, dtype=torch.float32)
+    status = _library().int8_pivoted_gemv(
+        x.data_ptr(), permutation.data_ptr(), coupling_q.data_ptr(), coupling_scale.data_ptr(),
+        left_q.data_ptr(), left_scale.data_ptr(), None if bias is None else bias.data_ptr(),
+        work.data_ptr(), y.data_ptr(), rows, out, width, rank)
+    if status != 0:
+        raise ValueError(f"int8_pivoted_gemv: the permutation holds an index outside [0, {width}); "
+                         "the checkpoint is damaged (re-create it with svdcompress compress)")
     return y

@@ -178,9 +178,9 @@ def resolve_kernel(kernel: str) -> str:
 
 def gemv_usable(x: torch.Tensor) -> bool:
     """Whether kernel ``gemv`` runs ``x`` natively: float32 on the CPU, at most ``SERIAL_ROWS`` rows,
-    and the library built."""
+    no gradient to carry back to ``x`` (the C code has no autograd), and the library built."""
     return (x.is_cpu and x.dtype is torch.float32 and x.numel() <= SERIAL_ROWS * x.shape[-1]
-            and native.gemv_available())
+            and not (x.requires_grad and torch.is_grad_enabled()) and native.gemv_available())
 
 
 def fbgemm_usable(x: torch.Tensor) -> bool:

@@ -129,7 +129,7 @@ class MemoryEstimate:
     hidden: int  # one copy of the calibration hidden states (all windows)
     hidden_batch: int  # one batch of them
     statistics: int  # one block's statistics + the largest factorization's workspace
-    streams: int  # 2 when the original model's hidden states are tracked too (update=True)
+    streams: int  # 2 when the original model's hidden states are tracked too (update, error_blend)
 
     @property
     def in_memory(self) -> int:
@@ -173,7 +173,7 @@ def _statistics_bytes(config: CompressionConfig, targets: list[Target], data_awa
         if not data_aware:
             worst = max(worst, svd)
             continue
-        copies = 3 if config.update else 1  # + Σ x x'ᵀ and Σ x xᵀ of the original stream
+        copies = 3 if config.tracks_original else 1  # + Σ x x'ᵀ and Σ x xᵀ of the original stream
         grams = sum(copies * t.in_features**2 * 8 for t in block_targets)
         largest = max(_whitening_bytes(t.out_features, t.in_features) for t in block_targets)
         worst = max(worst, grams + largest + svd)
@@ -198,7 +198,7 @@ def estimate_memory(model: nn.Module, targets: list[Target], config: Compression
         model=sum(p.numel() for p in model.parameters()) * itemsize,
         block=block_bytes, outer=outer, hidden=hidden, hidden_batch=hidden_batch,
         statistics=_statistics_bytes(config, targets, windows is not None),
-        streams=2 if config.update else 1,
+        streams=2 if config.tracks_original else 1,
     )
 
 
@@ -540,14 +540,14 @@ def _capture(run: _Run, calibration: Calibration) -> tuple[list, _Stream, _Strea
     compressed = _Stream(folder, "compressed", len(calls), None if run.spill else [c.hidden for c in calls])
     for call in calls:  # the stream holds them now: the first block's inputs go once it has run
         call.hidden = None
-    return calls, compressed, compressed if run.config.update else None
+    return calls, compressed, compressed if run.config.tracks_original else None
 
 
 def _resume_streams(run: _Run, index: int) -> tuple[_Stream, _Stream | None]:
     folder = run.work.hidden(index)
     compressed = _Stream.read(folder, "compressed", run.spill)
-    original = _Stream.read(folder, "original", run.spill) if run.config.update else None
-    if compressed is None or (run.config.update and original is None):
+    original = _Stream.read(folder, "original", run.spill) if run.config.tracks_original else None
+    if compressed is None or (run.config.tracks_original and original is None):
         raise CheckpointError(f"{folder} lacks hidden states; delete {run.work.path} and rerun.")
     return compressed, original
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from svdcompress import native, runtime
+from svdcompress.linalg import Factors
+from svdcompress.modules import LowRankLinear
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
 
@@ -58,11 +60,11 @@ def test_every_path_avx512_avx2_and_plain_c_gives_the_same_numbers(fresh_build, 
     needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
     if needs is not None and needs not in flags.split():
         pytest.skip(f"this CPU cannot run {target}")
-    function = native.load(native.build(native.source(), shutil.which("cc"), target))
+    functions = native.load(native.build(native.source(), shutil.which("cc"), target))
     for m, n, k in [(1, 9, 37), (7, 13, 300), (16, 6, 16)]:
         x, q, scale, expected = _case(m, n, k, seed=k)
         y = torch.empty(m, n)
-        function(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
+        functions.int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -104,3 +106,93 @@ def test_it_can_be_turned_off(fresh_build, monkeypatch):
     monkeypatch.setenv("SVDCOMPRESS_NATIVE", "0")
     assert not native.gemv_available()
     assert not (fresh_build / "native").exists()
+
+
+def _pivoted_module(out: int, inp: int, rank: int, *, bias: bool, seed: int) -> LowRankLinear:
+    g = torch.Generator().manual_seed(seed)
+    module = LowRankLinear(inp, out, rank, bias=bias, storage="pivoted")
+    module.set_factors(Factors(torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g)))
+    if bias:
+        module.bias.data.normal_(generator=g)
+    return module.quantize_(8)
+
+
+def _pivoted_reference(module: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """The same layer in float64 from its dequantized matrices, without the C code."""
+    y = x.double() @ module.dense_weight().double().T
+    return y if module.bias is None else y + module.bias.double()
+
+
+@needs_compiler
+@pytest.mark.parametrize(("rows", "out", "inp", "rank", "bias"),
+                         [(1, 1536, 576, 340, False), (8, 576, 1536, 340, True), (3, 7, 13, 5, True),
+                          (16, 192, 576, 100, False), (5, 8, 9, 8, False), (2, 33, 17, 1, True)])
+def test_pivoted_layer_in_one_call_matches_float64(fresh_build, rows, out, inp, rank, bias):
+    """Gather, coupling, left and bias in C: every tile remainder, one column to couple, rank 1."""
+    module = _pivoted_module(out, inp, rank, bias=bias, seed=rows + out + inp)
+    x = torch.randn(rows, inp)
+    with torch.no_grad():
+        y = native.int8_pivoted_gemv(x, module.permutation, module.coupling_q, module.coupling_scale,
+                                     module.left_q, module.left_scale, module.bias)
+        expected = _pivoted_reference(module, x)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        module.kernel = "dequant_serial"  # the torch path of the same module: same numbers
+        torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("target", ["-march=x86-64-v4", "-march=x86-64-v3", "-march=x86-64"])
+def test_pivoted_layer_on_every_path(fresh_build, target):
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
+    if needs is not None and needs not in flags.split():
+        pytest.skip(f"this CPU cannot run {target}")
+    functions = native.load(native.build(native.source(), shutil.which("cc"), target))
+    module = _pivoted_module(37, 53, 21, bias=True, seed=3)
+    x, y = torch.randn(5, 53), torch.empty(5, 37)
+    work = torch.empty(5 * 53)
+    status = functions.int8_pivoted_gemv(
+        x.data_ptr(), module.permutation.data_ptr(), module.coupling_q.data_ptr(),
+        module.coupling_scale.data_ptr(), module.left_q.data_ptr(), module.left_scale.data_ptr(),
+        module.bias.data_ptr(), work.data_ptr(), y.data_ptr(), 5, 37, 53, 21)
+    expected = _pivoted_reference(module, x).detach()
+    assert status == 0
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_compiler
+def test_pivoted_call_refuses_wrong_buffers_and_a_damaged_permutation(fresh_build):
+    module = _pivoted_module(12, 10, 4, bias=True, seed=5)
+    good = [torch.randn(2, 10), module.permutation, module.coupling_q, module.coupling_scale,
+            module.left_q, module.left_scale, module.bias.detach()]
+    for index, bad in [(0, torch.randn(2, 9)), (0, torch.randn(2, 10).double()), (1, module.permutation[:9]),
+                       (1, module.permutation.int()), (2, module.coupling_q[:, :5]), (3, module.coupling_scale[:3]),
+                       (4, module.left_q.float()), (5, module.left_scale[:11]), (6, torch.randn(11))]:
+        args = list(good)
+        args[index] = bad
+        with pytest.raises(ValueError, match="int8_pivoted_gemv needs"):
+            native.int8_pivoted_gemv(*args)
+    damaged = module.permutation.clone()
+    damaged[3] = 10  # one past the last column
+    with pytest.raises(ValueError, match="outside"):
+        native.int8_pivoted_gemv(good[0], damaged, *good[2:])
+
+
+@needs_compiler
+def test_pivoted_module_decodes_in_c_and_leaves_prefill_and_gradients_to_torch(fresh_build, monkeypatch):
+    module = _pivoted_module(24, 20, 6, bias=True, seed=7)
+    calls = []
+    real = native.int8_pivoted_gemv
+    monkeypatch.setattr(native, "int8_pivoted_gemv", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    with torch.no_grad():
+        decode = module(torch.randn(2, 3, 20))  # 6 rows: C
+        module(torch.randn(runtime.SERIAL_ROWS + 1, 20))  # prefill-sized: torch
+    assert calls == [(6, 20)] and decode.shape == (2, 3, 24)
+    x = torch.randn(3, 20, requires_grad=True)  # a gradient to carry back: torch, which has autograd
+    module(x).sum().backward()
+    assert calls == [(6, 20)] and x.grad is not None and module.bias.grad is not None
+    module.bias.grad = None
+    module(torch.randn(3, 20)).sum().backward()  # C for the matrices, the trained bias after it
+    assert calls == [(6, 20), (3, 20)]
+    torch.testing.assert_close(module.bias.grad, torch.full((24,), 3.0))

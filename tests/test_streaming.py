@@ -26,6 +26,7 @@ CONFIGS = {
     "whiten": sc.WhitenConfig(param_ratio=0.6, calib_batch_size=2),
     "whiten+update": sc.WhitenConfig(param_ratio=0.6, update=True, calib_batch_size=4),
     "whiten-one-pass": sc.WhitenConfig(param_ratio=0.6, calibration_stream="original", calib_batch_size=2),
+    "whiten+blend": sc.WhitenConfig(param_ratio=0.6, storage="pivoted", error_blend=0.25, calib_batch_size=2),
     "asvd-int8": sc.ASVDConfig(param_ratio=0.6, quant_bits=8),
 }
 
@@ -92,7 +93,7 @@ def test_untied_qwen2_streams_to_the_same_checkpoint(tmp_path):
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
 
 
-@pytest.mark.parametrize("name", ["whiten+update", "whiten-one-pass"])
+@pytest.mark.parametrize("name", ["whiten+update", "whiten-one-pass", "whiten+blend"])
 def test_hidden_states_spilled_to_disk_give_the_same_result(source, tmp_path, monkeypatch, name):
     config = CONFIGS[name]
     _streamed(source, config, tmp_path / "memory-held")
@@ -113,7 +114,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_result(source, tmp_path, mo
     _assert_same_checkpoint(tmp_path / "memory-held", tmp_path / "spilled")
 
 
-@pytest.mark.parametrize(("name", "spill"), [("whiten", False), ("whiten+update", True)])
+@pytest.mark.parametrize(("name", "spill"), [("whiten", False), ("whiten+update", True), ("whiten+blend", True)])
 def test_an_interrupted_run_resumes_at_the_first_unfinished_block(source, tmp_path, monkeypatch,
                                                                   name, spill):
     config = CONFIGS[name]

@@ -103,3 +103,28 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, float *y,
         for (int64_t m = 0; m < M; m += MR) tile(x, q, scale, y, m, M - m < MR ? (int)(M - m) : MR, n, nr, N, K);
     }
 }
+
+/* Pivoted storage (modules.LowRankLinear, storage "pivoted") in one call:
+   y = left · (x[:, perm[:R]] + coupling · x[:, perm[R:]]) + bias, with left (N, R) and coupling
+   (R, K - R) int8 with per-row scales, perm a permutation of the K input columns and bias NULL or
+   (N,). work holds M * K floats: the gathered other columns, then the mixed (M, R) vector.
+   Returns 0, or 1 if perm holds an index outside [0, K) (nothing then is read out of bounds). */
+int int8_pivoted_gemv(const float *x, const int64_t *perm, const int8_t *coupling_q,
+                      const float *coupling_scale, const int8_t *left_q, const float *left_scale,
+                      const float *bias, float *work, float *y, int64_t M, int64_t N, int64_t K,
+                      int64_t R) {
+    for (int64_t k = 0; k < K; ++k)
+        if (perm[k] < 0 || perm[k] >= K) return 1;
+    const int64_t rest_len = K - R;
+    float *rest = work, *mixed = work + M * rest_len;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < rest_len; ++k) rest[m * rest_len + k] = x[m * K + perm[R + k]];
+    int8_gemv(rest, coupling_q, coupling_scale, mixed, M, R, rest_len);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < R; ++j) mixed[m * R + j] += x[m * K + perm[j]];
+    int8_gemv(mixed, left_q, left_scale, y, M, N, R);
+    if (bias)
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    return 0;
+}

@@ -8,10 +8,10 @@ from svdcompress.methods import register
 
 def factorize(weight, rank, stats, extra, config):
     if config.error_blend > 0:
-        if stats.cross is None:  # compress_ tracks the original stream for it; streaming does not
+        if stats.cross is None:  # compress_ and streaming track the original stream for it
             raise ConfigError("error_blend > 0 needs the original model's inputs beside the "
-                              "compressed model's; this path does not track them. Use compress_ "
-                              "(not streaming) or error_blend=0.")
+                              "compressed model's (ModuleStats.cross); gather the statistics with "
+                              "the original stream tracked (WhitenConfig.tracks_original).")
         weight = blended_target(weight, stats.gram, stats.cross, config.error_blend)
     # q/k/v (and gate/up) share one Gram matrix: decompose it once for those that need it.
     eigen = stats.from_gram("eigen", gram_eigen, needed=needs_gram_eigen(weight.shape))
