@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Busy-waiting OpenMP threads made torch several times slower on a shared CPU (BENCHMARKS.md, "threads
-# on a shared CPU"); passive waiting costs next to nothing on an idle one. It only takes effect
-# before torch is first imported, and a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long an idle OpenMP thread spins before it sleeps (BENCHMARKS.md, "threads on a shared CPU").
+# libgomp's default, 300,000 spins, made torch several times slower on a shared CPU; no spin at all
+# (OMP_WAIT_POLICY=PASSIVE, our default until 2026-12-07) made a 2-thread prefill 1.3-1.6x slower
+# on an idle one, each parallel region waiting ~60 µs for its sleeping worker. A few thousand spins
+# bridge the gap between two ops and then give the core back. Only before torch is first imported;
+# a value the user set (either variable) wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from svdcompress import api  # one call per CLI command: api.compress(...), api.evaluate(...), ...
 from svdcompress._version import __version__

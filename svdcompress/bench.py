@@ -320,7 +320,8 @@ def _host() -> dict[str, Any]:
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "loadavg": list(os.getloadavg()),
             # workers inherit the environment; busy-waiting OpenMP threads matter on a shared CPU
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
 
 
 def run_bench(models: list[str], against: str | None = None,
