@@ -5,11 +5,13 @@ weights first (``_weight_int8pack_mm``'s float32 path is several times slower th
 matmul, BENCHMARKS.md issue 4), and at decode sizes the conversion is the cost. The kernel widens
 each int8 weight vector in registers and uses it at once, so the weights are read once, as bytes.
 
-It is built with the system C compiler (``$CC``, else ``cc``) with ``-O3 -march=native`` into the
-cache (``$SVDCOMPRESS_CACHE/native``), keyed by the source, the compiler and the CPU, written to a
-temporary name and renamed, and loaded with ctypes. Without a compiler, or if the build fails, the
-callers fall back to the torch kernels (one warning per process); ``SVDCOMPRESS_NATIVE=0`` turns
-it off.
+It is built with the system C compiler (``$CC``, else ``cc``) with ``-O3 -march=native
+-fopenmp`` into the cache (``$SVDCOMPRESS_CACHE/native``), keyed by the source, the flags, the
+compiler and the CPU, written to a temporary name and renamed, and loaded with ctypes. Its OpenMP
+runtime is the ``libgomp.so.1`` torch has already loaded, so it shares torch's thread pool and
+thread count (:func:`gemv_threads`); a compiler without OpenMP gives a one-thread build. Without
+a compiler, or if the build fails, the callers fall back to the torch kernels (one warning per
+process); ``SVDCOMPRESS_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 
 from svdcompress.fetch import cache_dir
 
-__all__ = ["TARGET", "build", "gemv_available", "int8_gemv", "int8_pivoted_gemv", "load", "source"]
+__all__ = ["PARALLEL_MIN_BYTES", "TARGET", "build", "gemv_available", "gemv_threads", "int8_gemv",
+           "int8_pivoted_gemv", "load", "source"]
 
 logger = logging.getLogger(__name__)
 _FLAGS = ("-O3", "-shared", "-fPIC")
@@ -44,9 +47,10 @@ def _cpu_id() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
-def build(source: bytes, compiler: str, target: str = TARGET) -> Path:
-    """The shared library of ``source`` for ``target`` (a -march flag), built once into the cache."""
-    flags = (*_FLAGS, target)
+def build(source: bytes, compiler: str, target: str = TARGET, *, openmp: bool = True) -> Path:
+    """The shared library of ``source`` for ``target`` (a -march flag), built once into the cache;
+    ``openmp``: with ``-fopenmp`` (its ``libgomp.so.1`` is the one torch has already loaded)."""
+    flags = (*_FLAGS, target, *(("-fopenmp",) if openmp else ()))
     key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:12]
     library = cache_dir() / "native" / f"int8_gemv-{key}-{_cpu_id()}.so"
     if library.is_file():
@@ -67,12 +71,14 @@ def source() -> bytes:
 
 
 def load(library: Path) -> ctypes.CDLL:
-    """A built library, its functions (``int8_gemv``, ``int8_pivoted_gemv``) typed for ctypes."""
+    """A built library, its functions (``int8_gemv``, ``int8_pivoted_gemv``, ``int8_gemv_parallel``)
+    typed for ctypes."""
     functions = ctypes.CDLL(str(library))
-    functions.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    functions.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     functions.int8_gemv.restype = None
-    functions.int8_pivoted_gemv.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4
+    functions.int8_pivoted_gemv.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     functions.int8_pivoted_gemv.restype = ctypes.c_int
+    functions.int8_gemv_parallel.restype = ctypes.c_int
     return functions
 
 
@@ -84,7 +90,12 @@ def _library():
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, or $CC) on PATH")
-        return load(build(source(), compiler))
+        try:
+            return load(build(source(), compiler))
+        except subprocess.CalledProcessError as err:  # a compiler without OpenMP: one thread
+            logger.info("building the int8 kernel with OpenMP failed (%s); building it for one thread",
+                        (err.stderr or b"").decode(errors="replace")[:200])
+            return load(build(source(), compiler, openmp=False))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         logger.warning("the fused int8 kernel is unavailable (%s%s); using torch's kernels instead",
@@ -97,9 +108,29 @@ def gemv_available() -> bool:
     return _library() is not None
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+# Where idle OpenMP threads sleep between parallel regions, waking one costs more than splitting a
+# decode-sized GEMV saves (~60 µs a region on our 2-core VM, BENCHMARKS.md issue 14): one thread.
+_THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+PARALLEL_MIN_BYTES = 131072  # int8 weights below this: one thread (k/v at 0.6, 67 KB, ran 15.6 → 27.8 µs on two)
+
+
+def gemv_threads(weight_bytes: int) -> int:
+    """How many threads the kernel uses for int8 weights of ``weight_bytes``: torch's intra-op
+    thread count, or 1 for small weights, where idle threads sleep, or in a build without OpenMP."""
+    if _THREADS_SLEEP or weight_bytes < PARALLEL_MIN_BYTES or not _parallel_build():
+        return 1
+    return torch.get_num_threads()
+
+
+@functools.cache
+def _parallel_build() -> bool:
+    return bool(_library().int8_gemv_parallel())
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """``x @ (q · scale[:, None])ᵀ`` for float32 CPU ``x`` (M, in), int8 ``q`` (out, in) and float32
-    ``scale`` (out,), on the calling thread. Call :func:`gemv_available` first."""
+    ``scale`` (out,), on ``threads`` threads (default :func:`gemv_threads`; the same numbers on any
+    count). Call :func:`gemv_available` first."""
     # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
     # (is-comparisons and is_cpu: this runs twice per module per decoded token)
     if x.dtype is not torch.float32 or q.dtype is not torch.int8 or scale.dtype is not torch.float32 \
@@ -111,7 +142,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     _library().int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0],
-                         q.shape[1])
+                         q.shape[1], gemv_threads(q.numel()) if threads is None else threads)
     return y
 
 
@@ -122,11 +153,11 @@ def _int8_matrix(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> 
 
 def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: torch.Tensor,
                       coupling_scale: torch.Tensor, left_q: torch.Tensor, left_scale: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    """A pivoted-storage int8 layer in one call on the calling thread: ``left · (x[:, p[:r]] +
-    coupling · x[:, p[r:]]) + bias`` for float32 CPU ``x`` (M, in), the int64 column permutation
-    ``p`` (in,), int8 ``coupling`` (r, in − r) and ``left`` (out, r) with float32 per-row scales,
-    and ``bias`` (out,) or None. Call :func:`gemv_available` first."""
+                      bias: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
+    """A pivoted-storage int8 layer in one call: ``left · (x[:, p[:r]] + coupling · x[:, p[r:]]) +
+    bias`` for float32 CPU ``x`` (M, in), the int64 column permutation ``p`` (in,), int8
+    ``coupling`` (r, in − r) and ``left`` (out, r) with float32 per-row scales, and ``bias`` (out,)
+    or None; ``threads`` as in :func:`int8_gemv`. Call :func:`gemv_available` first."""
     # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
     if x.dim() == 2 and left_q.dim() == 2:
         (rows, width), (out, rank) = x.shape, left_q.shape
@@ -153,7 +184,8 @@ def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: to
     status = _library().int8_pivoted_gemv(
         x.data_ptr(), permutation.data_ptr(), coupling_q.data_ptr(), coupling_scale.data_ptr(),
         left_q.data_ptr(), left_scale.data_ptr(), None if bias is None else bias.data_ptr(),
-        work.data_ptr(), y.data_ptr(), rows, out, width, rank)
+        work.data_ptr(), y.data_ptr(), rows, out, width, rank,
+        gemv_threads(coupling_q.numel() + left_q.numel()) if threads is None else threads)
     if status != 0:
         raise ValueError(f"int8_pivoted_gemv: the permutation holds an index outside [0, {width}); "
                          "the checkpoint is damaged (re-create it with svdcompress compress)")

@@ -13,9 +13,12 @@ and a float32 per-row ``scale`` (out,), without ever building the float matrix `
 - ``gemv``: at most ``SERIAL_ROWS`` float32 CPU rows (decode), the fused int8 GEMV of
   :mod:`svdcompress.native` (C, compiled for this machine on first use): each int8 weight vector
   is widened in registers and used at once, so the matrix is read once as bytes and never
-  converted; on one thread. Larger inputs (prefill), other dtypes and devices, and a machine
-  without a C compiler take ``dequant_serial``. Exact like ``dequant`` (float32 sums in another
-  order).
+  converted; a pivoted layer (gather, both matrices, bias) is one call. Its output rows are shared
+  among torch's threads for weights of 128 KiB and more, unless idle OpenMP threads sleep
+  (``OMP_WAIT_POLICY=PASSIVE``: then one thread, as waking one costs more than it saves). Larger
+  inputs (prefill), other dtypes and devices, and a machine without a C compiler take
+  ``dequant_serial``. Exact like ``dequant`` (float32 sums in another order; the same bits on any
+  thread count).
 - ``int_mm``: quantize each activation row (token) to int8 on the fly, ``torch._int_mm`` (int32
   accumulation), rescale by the two scales. Adds activation-quantization error.
 - ``fbgemm``: ``torch.ops.quantized.linear_dynamic`` on weights packed once (per-channel qint8):

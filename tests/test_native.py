@@ -22,8 +22,10 @@ def fresh_build(monkeypatch, tmp_path):
     """A cache of its own, so the kernel is compiled in this test and forgotten after it."""
     monkeypatch.setenv("SVDCOMPRESS_CACHE", str(tmp_path))
     native._library.cache_clear()
+    native._parallel_build.cache_clear()
     yield tmp_path
     native._library.cache_clear()
+    native._parallel_build.cache_clear()
 
 
 def _case(m: int, n: int, k: int, seed: int):
@@ -64,8 +66,9 @@ def test_every_path_avx512_avx2_and_plain_c_gives_the_same_numbers(fresh_build, 
     for m, n, k in [(1, 9, 37), (7, 13, 300), (16, 6, 16)]:
         x, q, scale, expected = _case(m, n, k, seed=k)
         y = torch.empty(m, n)
-        functions.int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
-        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        for threads in (1, 2):  # a one-thread build ignores the count
+            functions.int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, threads)
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @needs_compiler
@@ -152,13 +155,14 @@ def test_pivoted_layer_on_every_path(fresh_build, target):
     module = _pivoted_module(37, 53, 21, bias=True, seed=3)
     x, y = torch.randn(5, 53), torch.empty(5, 37)
     work = torch.empty(5 * 53)
-    status = functions.int8_pivoted_gemv(
-        x.data_ptr(), module.permutation.data_ptr(), module.coupling_q.data_ptr(),
-        module.coupling_scale.data_ptr(), module.left_q.data_ptr(), module.left_scale.data_ptr(),
-        module.bias.data_ptr(), work.data_ptr(), y.data_ptr(), 5, 37, 53, 21)
     expected = _pivoted_reference(module, x).detach()
-    assert status == 0
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for threads in (1, 2):
+        status = functions.int8_pivoted_gemv(
+            x.data_ptr(), module.permutation.data_ptr(), module.coupling_q.data_ptr(),
+            module.coupling_scale.data_ptr(), module.left_q.data_ptr(), module.left_scale.data_ptr(),
+            module.bias.data_ptr(), work.data_ptr(), y.data_ptr(), 5, 37, 53, 21, threads)
+        assert status == 0
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @needs_compiler
@@ -196,3 +200,39 @@ def test_pivoted_module_decodes_in_c_and_leaves_prefill_and_gradients_to_torch(f
     module(torch.randn(3, 20)).sum().backward()  # C for the matrices, the trained bias after it
     assert calls == [(6, 20), (3, 20)]
     torch.testing.assert_close(module.bias.grad, torch.full((24,), 3.0))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_threads_share_the_rows_and_give_the_same_bits(fresh_build, rows):
+    """Each thread writes its own output rows: any thread count, the same numbers to the bit."""
+    x, q, scale, _ = _case(rows, 1537, 576, seed=rows)
+    one = native.int8_gemv(x, q, scale, threads=1)
+    for threads in (2, 3):
+        assert torch.equal(native.int8_gemv(x, q, scale, threads=threads), one)
+    module = _pivoted_module(1536, 576, 300, bias=True, seed=rows)
+    x = torch.randn(rows, 576)
+    args = (x, module.permutation, module.coupling_q, module.coupling_scale, module.left_q,
+            module.left_scale, module.bias.detach())
+    assert torch.equal(native.int8_pivoted_gemv(*args, threads=2), native.int8_pivoted_gemv(*args, threads=1))
+
+
+@needs_compiler
+def test_the_kernel_shares_torchs_openmp_runtime(fresh_build, monkeypatch):
+    """One libgomp in the process (torch's): the kernel's threads are torch's pool, not a second one."""
+    assert native.gemv_available()
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("no /proc/self/maps")
+    gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
+    monkeypatch.setattr(native, "_THREADS_SLEEP", False)
+    assert native.gemv_threads(native.PARALLEL_MIN_BYTES - 1) == 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert native.gemv_threads(native.PARALLEL_MIN_BYTES) == (2 if native._parallel_build() else 1)
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(native, "_THREADS_SLEEP", True)
+    assert native.gemv_threads(10**9) == 1

@@ -1,4 +1,7 @@
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x (M, K) float32 and q (N, K) int8, row-major.
    Tiles of 4 weight rows x MR input rows (AVX-512: 4, AVX2: 2, plain C: 1): each int8 weight
@@ -96,12 +99,30 @@ static void tile(const float *x, const int8_t *q, const float *scale, float *y,
 }
 #endif
 
+/* threads > 1 (built with OpenMP): the tiles of 4 weight rows are shared among that many threads of
+   the process's OpenMP pool (torch's own, when torch loaded libgomp first); each writes its own
+   rows of y, so the result does not depend on the thread count. */
 void int8_gemv(const float *x, const int8_t *q, const float *scale, float *y,
-               int64_t M, int64_t N, int64_t K) {
-    for (int64_t n = 0; n < N; n += 4) {
+               int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t tiles = (N + 3) / 4;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n = 4 * t;
         int nr = N - n < 4 ? (int)(N - n) : 4;
         for (int64_t m = 0; m < M; m += MR) tile(x, q, scale, y, m, M - m < MR ? (int)(M - m) : MR, n, nr, N, K);
     }
+    (void)threads;
+}
+
+/* Whether this build shares work among threads (1) or runs on the calling thread only (0). */
+int int8_gemv_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Pivoted storage (modules.LowRankLinear, storage "pivoted") in one call:
@@ -112,17 +133,17 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, float *y,
 int int8_pivoted_gemv(const float *x, const int64_t *perm, const int8_t *coupling_q,
                       const float *coupling_scale, const int8_t *left_q, const float *left_scale,
                       const float *bias, float *work, float *y, int64_t M, int64_t N, int64_t K,
-                      int64_t R) {
+                      int64_t R, int threads) {
     for (int64_t k = 0; k < K; ++k)
         if (perm[k] < 0 || perm[k] >= K) return 1;
     const int64_t rest_len = K - R;
     float *rest = work, *mixed = work + M * rest_len;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < rest_len; ++k) rest[m * rest_len + k] = x[m * K + perm[R + k]];
-    int8_gemv(rest, coupling_q, coupling_scale, mixed, M, R, rest_len);
+    int8_gemv(rest, coupling_q, coupling_scale, mixed, M, R, rest_len, threads);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < R; ++j) mixed[m * R + j] += x[m * K + perm[j]];
-    int8_gemv(mixed, left_q, left_scale, y, M, N, R);
+    int8_gemv(mixed, left_q, left_scale, y, M, N, R, threads);
     if (bias)
         for (int64_t m = 0; m < M; ++m)
             for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
