@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/svdcompress
-# Spinning OpenMP threads make torch several times slower on a busy shared CPU; passive waiting
-# costs next to nothing on an idle one. Override with `make OMP_WAIT_POLICY=ACTIVE ...`.
+# The tests and the demo often share the CPU with other jobs, where spinning OpenMP threads make
+# torch several times slower; passive waiting is the safe choice there, though on an idle machine it
+# costs up to 1.3-1.6x at 2 threads (the library's own default is a short spin: BENCHMARKS.md,
+# "threads on a shared CPU"). Override with `make OMP_WAIT_POLICY=ACTIVE ...`.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-all lint

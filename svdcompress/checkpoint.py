@@ -373,14 +373,20 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
 
 
 def _save_streamed(model: nn.Module, folder: Path, tensor_writer: Callable[[Path], dict[str, str]]) -> None:
-    """Config, generation config and guard tensors by ``save_pretrained`` (so they are exactly what
-    it writes for any model); the tensors by ``tensor_writer``, listed in one shard index."""
+    """Config and generation config by ``save_pretrained`` (so they are exactly what it writes for
+    any model), the guard tensors in ``model.safetensors``, the tensors by ``tensor_writer``, all
+    listed in one shard index."""
     guards = guard_tensors(model)
-    model.save_pretrained(folder, safe_serialization=True, state_dict=guards)
-    single = folder / "model.safetensors"  # where save_pretrained put the guard tensors (if any)
-    weight_map = dict.fromkeys(guards, single.name) if guards else {}
-    if not guards:
-        single.unlink(missing_ok=True)
+    # transformers 5 empties the dict it is given as it writes, and takes the state from an attached
+    # quantizer in place of it: a streamed checkpoint held no guard until 2026-12-07. It gets a copy,
+    # and whatever tensors it wrote go; ours come.
+    model.save_pretrained(folder, safe_serialization=True, state_dict=dict(guards))
+    for written in folder.glob("model*.safetensors*"):
+        written.unlink()
+    single = folder / "model.safetensors"
+    if guards:
+        save_file(guards, single, metadata={"format": "pt"})
+    weight_map = dict.fromkeys(guards, single.name)
     weight_map.update(tensor_writer(folder))
     _transpose_in_shards(model, folder, weight_map)
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 # Busy-waiting OpenMP threads make torch 3-7x slower on a shared, oversubscribed CPU (measured on
-# the 2-core CI machine); passive waiting costs next to nothing when the machine is idle. It must
-# be set before torch loads its OpenMP runtime, hence before the imports below.
+# the 2-core CI machine), and the suite often shares it; passive waiting is the safe choice here
+# (the library's default is a short spin). It must be set before torch loads its OpenMP runtime,
+# hence before the imports below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import TINY_VOCAB, make_char_tokenizer, make_tiny_model
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import svdcompress as sc
@@ -62,7 +63,18 @@ def _assert_same_checkpoint(a, b):
     config_a = json.loads((a / "config.json").read_text())
     config_b = json.loads((b / "config.json").read_text())
     assert config_a == config_b
+    # the files too, not only what load makes of them: guard tensors included
+    files_a, files_b = _file_tensors(a), _file_tensors(b)
+    assert sorted(files_a) == sorted(files_b), set(files_a) ^ set(files_b)
+    assert all(torch.equal(files_a[k], files_b[k]) for k in files_a)
     return model_b
+
+
+def _file_tensors(folder):
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
 
 
 def _streamed(source, config, out, windows=WINDOWS, **kwargs):
