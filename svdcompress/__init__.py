@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-# How long an idle OpenMP thread spins before it sleeps (BENCHMARKS.md, "threads on a shared CPU").
-# libgomp's default, 300,000 spins, made torch several times slower on a shared CPU; no spin at all
-# (OMP_WAIT_POLICY=PASSIVE, our default until 2026-12-07) made a 2-thread prefill 1.3-1.6x slower
-# on an idle one, each parallel region waiting ~60 µs for its sleeping worker. A few thousand spins
-# bridge the gap between two ops and then give the core back. Only before torch is first imported;
-# a value the user set (either variable) wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "3000"
-
+# isort: off
+from svdcompress._openmp import OPENMP_ENVIRONMENT  # first: before anything loads torch
+# isort: on
 from svdcompress import api  # one call per CLI command: api.compress(...), api.evaluate(...), ...
 from svdcompress._version import __version__
 from svdcompress.allocation import allocate
@@ -47,6 +39,7 @@ from svdcompress.zoo import load_model
 _register_with_transformers()
 
 __all__ = [
+    "OPENMP_ENVIRONMENT",
     "ASVDConfig",
     "Calibration",
     "CompressionConfig",

@@ -61,6 +61,8 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
+    import svdcompress
+
     argv = list(sys.argv if argv is None else argv)
     return {
         "command": " ".join(shlex.quote(a) for a in argv),
@@ -69,6 +71,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "openmp_environment": svdcompress.OPENMP_ENVIRONMENT,
         "cpu_count": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
