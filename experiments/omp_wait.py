@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("dense")
     parser.add_argument("compressed", nargs="*")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--loaded-settings", nargs="+", choices=list(SETTINGS),
+                        default=["passive", "spin3000", "libgomp-default"],
+                        help="settings measured beside the competing thread (active spins longer than "
+                             "libgomp's default, whose decode there was ~15x slower than passive)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=256)
@@ -94,8 +98,9 @@ def main() -> None:
     from svdcompress.provenance import write_results
 
     results = {}
-    for condition, loaded in [("idle", False), ("one competing thread", True)]:
-        for setting in args.settings:
+    for condition, loaded, settings in [("idle", False, args.settings),
+                                        ("one competing thread", True, args.loaded_settings)]:
+        for setting in settings:
             results.setdefault(condition, {})[setting] = row = _measure(args, setting, loaded)
             print(condition, setting, json.dumps(row["median_tokens_per_s"]), flush=True)
     write_results(args.out / "omp_wait.json", {
