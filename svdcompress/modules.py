@@ -291,8 +291,8 @@ class LowRankLinear(nn.Module):
                 buffers["left_q"], buffers["left_scale"], None if trained_bias else bias)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y + bias if trained_bias else y
-        # On 2-D rows: index_select along the last dim of a 3-D tensor measured 4x slower on one
-        # thread and 40-100x slower on two (BENCHMARKS.md, issue 14, pivoted prefill).
+        # On 2-D rows: index_select along the last dim of a 3-D tensor took 3.6x as long on one
+        # thread, far longer on two (BENCHMARKS.md, issue 14, session of 2026-12-07).
         flat = x.reshape(-1, x.shape[-1])  # (M, in)
         pivot = flat.index_select(1, permutation[: self.rank])  # (M, r)
         rest = flat.index_select(1, permutation[self.rank :])  # (M, in − r)

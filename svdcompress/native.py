@@ -142,7 +142,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: in
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     _library().int8_gemv(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0],
-                         q.shape[1], gemv_threads(q.numel()) if threads is None else threads)
+                         q.shape[1], gemv_threads(q.numel()) if threads is None else max(1, threads))
     return y
 
 
@@ -185,7 +185,7 @@ def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: to
         x.data_ptr(), permutation.data_ptr(), coupling_q.data_ptr(), coupling_scale.data_ptr(),
         left_q.data_ptr(), left_scale.data_ptr(), None if bias is None else bias.data_ptr(),
         work.data_ptr(), y.data_ptr(), rows, out, width, rank,
-        gemv_threads(coupling_q.numel() + left_q.numel()) if threads is None else threads)
+        gemv_threads(coupling_q.numel() + left_q.numel()) if threads is None else max(1, threads))
     if status != 0:
         raise ValueError(f"int8_pivoted_gemv: the permutation holds an index outside [0, {width}); "
                          "the checkpoint is damaged (re-create it with svdcompress compress)")

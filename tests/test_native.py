@@ -53,16 +53,21 @@ def test_matches_float64_on_every_tile_and_tail(fresh_build, m, n, k):
     assert len(list((fresh_build / "native").glob("int8_gemv-*.so"))) == 1  # built once, cached
 
 
+def _built_for(target: str):
+    """The library built for one -march path; skips where this CPU cannot run it."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
+    if needs is not None and needs not in flags.split():
+        pytest.skip(f"this CPU cannot run {target}")
+    return native.load(native.build(native.source(), shutil.which("cc"), target))
+
+
 @needs_compiler
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
 @pytest.mark.parametrize("target", ["-march=x86-64-v4", "-march=x86-64-v3", "-march=x86-64"])
 def test_every_path_avx512_avx2_and_plain_c_gives_the_same_numbers(fresh_build, target):
     """Each -march picks one path of the source; a CPU without AVX-512 runs only what it can."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
-    if needs is not None and needs not in flags.split():
-        pytest.skip(f"this CPU cannot run {target}")
-    functions = native.load(native.build(native.source(), shutil.which("cc"), target))
+    functions = _built_for(target)
     for m, n, k in [(1, 9, 37), (7, 13, 300), (16, 6, 16)]:
         x, q, scale, expected = _case(m, n, k, seed=k)
         y = torch.empty(m, n)
@@ -147,11 +152,7 @@ def test_pivoted_layer_in_one_call_matches_float64(fresh_build, rows, out, inp, 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
 @pytest.mark.parametrize("target", ["-march=x86-64-v4", "-march=x86-64-v3", "-march=x86-64"])
 def test_pivoted_layer_on_every_path(fresh_build, target):
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    needs = {"-march=x86-64-v4": "avx512f", "-march=x86-64-v3": "avx2"}.get(target)
-    if needs is not None and needs not in flags.split():
-        pytest.skip(f"this CPU cannot run {target}")
-    functions = native.load(native.build(native.source(), shutil.which("cc"), target))
+    functions = _built_for(target)
     module = _pivoted_module(37, 53, 21, bias=True, seed=3)
     x, y = torch.randn(5, 53), torch.empty(5, 37)
     work = torch.empty(5 * 53)

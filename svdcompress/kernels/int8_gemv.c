@@ -1,7 +1,4 @@
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x (M, K) float32 and q (N, K) int8, row-major.
    Tiles of 4 weight rows x MR input rows (AVX-512: 4, AVX2: 2, plain C: 1): each int8 weight
