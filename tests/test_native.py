@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,21 @@ def test_the_kernel_shares_torchs_openmp_runtime(fresh_build, monkeypatch):
         torch.set_num_threads(previous)
     monkeypatch.setattr(native, "_THREADS_SLEEP", True)
     assert native.gemv_threads(10**9) == 1
+
+
+@needs_compiler
+def test_a_compiler_without_openmp_gives_a_one_thread_build(fresh_build, monkeypatch):
+    real = native.build
+
+    def no_openmp(source, compiler, target=native.TARGET, *, openmp=True):
+        if openmp:
+            raise subprocess.CalledProcessError(1, [compiler, "-fopenmp"], stderr=b"unsupported option '-fopenmp'")
+        return real(source, compiler, target, openmp=False)
+
+    monkeypatch.setattr(native, "build", no_openmp)
+    monkeypatch.setattr(native, "_THREADS_SLEEP", False)
+    assert native.gemv_available() and not native._parallel_build()
+    assert native.gemv_threads(10**9) == 1
+    x, q, scale, expected = _case(3, 300, 200, seed=4)
+    torch.testing.assert_close(native.int8_gemv(x, q, scale, threads=2).double(), expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())

@@ -237,6 +237,12 @@ def test_memory_estimate_of_the_tinyllama_shape_counts_its_parts():
     down_proj = (2 * 2048 * 5632 + 2048**2) * 8
     assert estimate.statistics == grams + down_proj + 3 * 2048 * 5632 * 8
     assert estimate.streaming(spill=False) < estimate.in_memory - 3 * 1024**3
+    # error_blend tracks the original stream too: two streams of hidden states, and beside each Gram
+    # the cross product and the original stream's Gram
+    blend = streaming.estimate_memory(model, targets, config.replace(error_blend=0.25), (16, 512), torch.float32)
+    assert blend.streams == 2 and estimate.streams == 1
+    assert blend.statistics == 3 * grams + down_proj + 3 * 2048 * 5632 * 8
+    assert blend.streaming(spill=False) - estimate.streaming(spill=False) == 2 * grams + 2 * estimate.hidden
 
 
 def _cli_source(tmp_path, monkeypatch):
