@@ -31,6 +31,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 
 from svdcompress import calibration as calibration_module

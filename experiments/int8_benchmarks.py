@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 
 from svdcompress import load_model

@@ -37,6 +37,9 @@ import statistics
 import time
 from pathlib import Path
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 import torch.nn.functional as F
 

@@ -16,6 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 from torch import nn
 

@@ -14,6 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 
 from svdcompress.bench import _load, _token_ids

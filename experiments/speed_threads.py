@@ -23,6 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
+# isort: off
+import svdcompress  # noqa: F401  (first: its OpenMP default must be set before torch loads)
+# isort: on
 import torch
 
 from svdcompress.bench import _decode_rate, _load, _prefill_rate, _token_ids, weight_bytes
