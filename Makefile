@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/svdcompress
 # The tests and the demo often share the CPU with other jobs, where spinning OpenMP threads make
 # torch several times slower; passive waiting is the safe choice there, though on an idle machine it
-# costs up to 1.3-1.6x at 2 threads (the library's own default is a short spin: BENCHMARKS.md,
+# costs 1.1-1.5x at 2 threads (the library's own default is a short spin: BENCHMARKS.md,
 # "threads on a shared CPU"). Override with `make OMP_WAIT_POLICY=ACTIVE ...`.
 export OMP_WAIT_POLICY ?= PASSIVE
 

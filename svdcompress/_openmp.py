@@ -13,8 +13,9 @@ __all__ = ["OPENMP_ENVIRONMENT"]
 
 # How long an idle OpenMP thread spins before it sleeps (BENCHMARKS.md, "threads on a shared CPU").
 # libgomp's default, 300,000 spins, made torch several times slower on a shared CPU; no spin at all
-# (OMP_WAIT_POLICY=PASSIVE, our default until 2026-12-07) made a 2-thread prefill 1.3-1.6x slower
-# on an idle one, each parallel region waiting ~60 µs for its sleeping worker. A few thousand spins
+# (OMP_WAIT_POLICY=PASSIVE, our default until 2026-12-07) made 2-thread runs 1.1-1.5x slower on an
+# idle one (the INT8 models' prefill most), each parallel region waiting for its sleeping worker, and
+# was 1.1-1.7x faster than a short spin beside one competing thread. A few thousand spins
 # bridge the gap between two ops and then give the core back. Only before torch is first imported;
 # a value the user set (either variable) wins.
 _OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")

@@ -109,7 +109,7 @@ def gemv_available() -> bool:
 
 
 # Where idle OpenMP threads sleep between parallel regions, waking one costs more than splitting a
-# decode-sized GEMV saves (~60 µs a region on our 2-core VM, BENCHMARKS.md issue 14): one thread.
+# decode-sized GEMV saves (tens of µs a region on our 2-core VM, BENCHMARKS.md issue 14): one thread.
 _THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 PARALLEL_MIN_BYTES = 131072  # int8 weights below this: one thread (k/v at 0.6, 67 KB, ran 15.6 → 27.8 µs on two)
 
