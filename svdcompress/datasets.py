@@ -71,6 +71,7 @@ __all__ = [
     "bigbench_file",
     "check_window_request",
     "corpus_summary",
+    "facts_problem",
     "load_corpus",
     "load_documents",
     "load_facts",
@@ -470,6 +471,16 @@ def bigbench_file(relative: str) -> Path:
     if relative not in BIGBENCH_FILES:
         raise DatasetError(f"{relative!r} is not kept; available: {', '.join(BIGBENCH_FILES)}")
     return _bigbench_folder() / relative
+
+
+def facts_problem() -> str | None:
+    """Why the facts cannot be read on this machine, in one line, or None when they can (fetching
+    them into the cache if needed)."""
+    try:
+        bigbench_file("qa_wikidata/task.json")
+    except DatasetError as err:
+        return str(err)
+    return None
 
 
 @dataclass(frozen=True)

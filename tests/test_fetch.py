@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -83,6 +84,8 @@ def test_a_version_the_index_lacks_names_what_it_has_and_the_ways_out(isolated_c
 
     with pytest.raises(DatasetError, match=r"facts and questions.*--facts 0"):
         datasets.load_facts(3)
+    problem = datasets.facts_problem()  # what make demo prints before it measures the rest
+    assert "\n" not in problem and re.search(r"bigbench==1\.0\.0.*--facts 0", problem)
 
 
 def test_pip_failure_names_the_package_and_pypi(isolated_cache, monkeypatch):
