@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 # BENCHMARKS.md "Issue 14: training-free quality frontier"; the recipe is one `svdcompress analyze
 # --storage pivoted` wrote. Then measure it side by side with the original on held-out text.
 # 22 minutes wall once set up with another job sharing the 2 cores (12 min compression, 9 min
-# evaluation; measured 2026-12-03); without the blend 14 minutes on 2 idle cores (5 min compression).
+# evaluation; measured 2026-12-03); 6 minutes on 2 idle cores of a faster VM without the facts
+# (2026-12-07).
 DEMO_OUT ?= runs/demo/smollm2-135m-allocated-p80-pivoted-blend
 # The 300 facts come from the PyPI source package bigbench==1.0.0; where it cannot be fetched (this
 # machine's PyPI view lost it on 2026-12-04), the check below says so before any compression and
