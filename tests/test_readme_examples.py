@@ -79,6 +79,8 @@ def test_readme_examples_run_on_a_tiny_stand_in(tiny_world):
 
 
 @pytest.mark.slow
-def test_readme_examples_run_on_the_real_model(tmp_path, monkeypatch):
+def test_readme_examples_run_on_the_real_model(tmp_path, monkeypatch, real_bigbench):
+    """Every example as written, facts and task examples included: skipped, saying why, where the
+    BIG-bench files cannot be fetched (the quick start's ``load_facts``)."""
     monkeypatch.chdir(tmp_path)
     _run([code for code, _ in readme_examples()])
