@@ -144,7 +144,6 @@ def main() -> None:
         "kernels": args.kernels, "rounds": args.rounds, "runs": args.runs,
         "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "loadavg_1min_per_round": loads,
         "weight_bytes": {"dense": weight_bytes(dense),
                          **{label: weight_bytes(model) for label, model in compressed.items()}},

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from streaming_memory import time_v
 
 from svdcompress.provenance import write_results
 
@@ -41,16 +41,9 @@ def _timed(command: list[str], log: Path) -> dict:
     """Run under /usr/bin/time -v; its maximum RSS, wall and CPU seconds."""
     with log.open("w") as handle:
         subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT, check=True)
-    text = log.read_text()
-
-    def field(pattern: str) -> str:
-        return re.search(pattern, text).group(1)
-
-    wall = field(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)")
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return {"command": " ".join(command), "wall_seconds": seconds,
-            "cpu_seconds": float(field(r"User time \(seconds\): (\S+)")) + float(field(r"System time \(seconds\): (\S+)")),
-            "max_rss_mib": int(field(r"Maximum resident set size \(kbytes\): (\d+)")) / 1024}
+    timed = time_v(log.read_text())
+    return {"command": " ".join(command), "wall_seconds": timed["wall_seconds"],
+            "cpu_seconds": timed["cpu_seconds"], "max_rss_mib": timed["max_rss_mib"]}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -139,14 +139,25 @@ def sample(pid: int, name: str) -> None:
             time.sleep(5)
 
 
+def time_v(text: str) -> dict:
+    """What ``/usr/bin/time -v`` printed into ``text``: maximum RSS (MiB), user + system CPU seconds,
+    wall clock as printed (h:mm:ss or m:ss) and in seconds; None where it printed nothing."""
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    return {"max_rss_mib": int(peak.group(1)) / 1024 if peak else None,
+            "cpu_seconds": sum(cpu) if cpu else None,
+            "wall_clock": wall.group(1) if wall else None,
+            "wall_seconds": sum(float(part) * 60**i for i, part in enumerate(reversed(wall.group(1).split(":"))))
+            if wall else None}
+
+
 def _parse(log: Path) -> dict:
     text = log.read_text()
     sampled = log.with_suffix(".rss").read_text() if log.with_suffix(".rss").is_file() else ""
     samples = [int(mb) for mb in re.findall(r"^SAMPLE \d+ s (\d+) MB$", sampled, re.MULTILINE)]
     header = json.loads(text.splitlines()[0])
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    timed = time_v(text)
     result = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
     # Older logs lack the CPU seconds and the RSS after the block (trimmed heap): None there.
     pattern = r"block (\d+)/\d+ done in ([\d.]+) s(?:, ([\d.]+) CPU s)? \(peak RSS (\d+) MB(?:, now (\d+) MB)?\)"
@@ -154,9 +165,9 @@ def _parse(log: Path) -> dict:
                "peak_rss_mb": float(r), "rss_after_mb": float(now) if now else None}
               for b, s, c, r, now in re.findall(pattern, text)]
     return {"log": str(log.relative_to(ROOT)), "command": header["command"],
-            "max_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
-            "cpu_seconds": round(sum(cpu), 1) if cpu else None,
-            "wall_clock": wall.group(1) if wall else None,
+            "max_rss_mb": round(timed["max_rss_mib"], 1) if timed["max_rss_mib"] is not None else None,
+            "cpu_seconds": round(timed["cpu_seconds"], 1) if timed["cpu_seconds"] is not None else None,
+            "wall_clock": timed["wall_clock"],
             "killed": "Command terminated by signal" in text,
             "result": json.loads(result.group(1)) if result else None, "blocks": blocks,
             "sampled_max_rss_mb": max(samples) if samples else None,

@@ -44,6 +44,7 @@ import psutil
 import torch
 from torch import nn
 
+from svdcompress._openmp import OPENMP_ENVIRONMENT
 from svdcompress.errors import ConfigError, SvdCompressError
 
 __all__ = ["SCHEMA", "BenchError", "BenchSettings", "PeakRSS", "format_table", "measure_model", "run_bench", "weight_bytes"]
@@ -321,7 +322,7 @@ def _host() -> dict[str, Any]:
             "loadavg": list(os.getloadavg()),
             # workers inherit the environment; busy-waiting OpenMP threads matter on a shared CPU
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
+            "openmp_environment": OPENMP_ENVIRONMENT}
 
 
 def run_bench(models: list[str], against: str | None = None,

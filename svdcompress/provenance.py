@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from svdcompress._openmp import OPENMP_ENVIRONMENT
 from svdcompress._version import __version__
 from svdcompress.fetch import atomic_write_text
 
@@ -61,8 +62,6 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    import svdcompress
-
     argv = list(sys.argv if argv is None else argv)
     return {
         "command": " ".join(shlex.quote(a) for a in argv),
@@ -71,7 +70,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
-        "openmp_environment": svdcompress.OPENMP_ENVIRONMENT,
+        "openmp_environment": OPENMP_ENVIRONMENT,
         "cpu_count": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
