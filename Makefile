@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job: compress the default model with the sensitivity-allocated ranks for 80 % of the
+# The main job: compress the default model with `compress`'s default for it, the recipe svdcompress
+# ships (svdcompress/recipes/smollm2-135m.yaml): the sensitivity-allocated ranks for 80 % of the
 # decoder linear parameters in pivoted storage, each layer fitted a quarter of the way towards the
-# original model's outputs (error_blend 0.25): the best training-free configuration measured,
-# BENCHMARKS.md "Issue 14: training-free quality frontier"; the recipe is one `svdcompress analyze
-# --storage pivoted` wrote. Then measure it side by side with the original on held-out text.
+# original model's outputs (error_blend 0.25), 64 x 512 calibration tokens: the best training-free
+# configuration measured, BENCHMARKS.md "Issue 14: training-free quality frontier". Then measure it
+# side by side with the original on held-out text.
 # 22 minutes wall once set up with another job sharing the 2 cores (12 min compression, 9 min
 # evaluation; measured 2026-12-03); 6 minutes on 2 idle cores of a faster VM without the facts
 # (2026-12-07).
@@ -38,8 +39,7 @@ demo: setup
 	if [ "$$facts" != "0" ] && ! $(PY) -c "import sys; from svdcompress.datasets import facts_problem; sys.exit(facts_problem())"; then \
 		echo "make demo: no facts to evaluate (above); measuring everything else, without fact recall"; facts=0; fi; \
 	set -x; \
-	$(CLI) compress smollm2-135m --recipe experiments/results/allocation/analysis/allocation-p0.80-pivoted.json \
-		--error-blend 0.25 --windows 64 --seq-len 512 --out $(DEMO_OUT) --overwrite && \
+	$(CLI) compress smollm2-135m --out $(DEMO_OUT) --overwrite && \
 	$(CLI) eval $(DEMO_OUT) --reference smollm2-135m --windows 32 --seq-len 512 \
 		--second-domain sotu --facts $$facts --json $(DEMO_OUT)-eval.json
 

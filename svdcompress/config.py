@@ -116,6 +116,12 @@ class CompressionConfig:
         metadata={"help": "regex -> quant_bits for the factors of matching modules (None: float); "
                   "first match wins, quant_bits elsewhere"},
     )
+    head_quant_bits: int | None = field(
+        default=None,
+        metadata={"help": "store the output head (lm_head) as symmetric per-row integers of this "
+                  "width (None: as it was; supported: 8); a head tied to the input embeddings is "
+                  "untied, the embeddings staying float"},
+    )
     dense_int8: tuple[str, ...] = field(
         default=(),
         metadata={"help": "patterns of targeted modules kept unfactored and stored as symmetric "
@@ -152,6 +158,7 @@ class CompressionConfig:
         if self.update and self.calibration_stream == "original":
             raise ConfigError(_ONE_STREAM.format(what="update=True"))
         check_quant_bits(self.quant_bits)
+        check_quant_bits(self.head_quant_bits, "head_quant_bits")
         self.dense_int8 = _as_tuple(self.dense_int8, "dense_int8")
         _check_quant_pattern(self.quant_pattern, self.dense_int8)
         _check_refine(self.refine_iters, self.refine_lr)
@@ -192,14 +199,14 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
     return value
 
 
-def check_quant_bits(bits: Any) -> None:
-    """Refuse a ``quant_bits`` this version cannot store (``None``: float factors)."""
+def check_quant_bits(bits: Any, name: str = "quant_bits") -> None:
+    """Refuse a ``quant_bits`` (or the setting ``name``) this version cannot store (``None``: float)."""
     if bits is None:
         return
     if isinstance(bits, bool) or bits not in SUPPORTED_QUANT_BITS:
         raise ConfigError(
-            f"quant_bits={bits!r} is not supported; use None (float factors) or one of "
-            f"{list(SUPPORTED_QUANT_BITS)} (int8 per-row factors)."
+            f"{name}={bits!r} is not supported; use None (float) or one of "
+            f"{list(SUPPORTED_QUANT_BITS)} (int8 per-row)."
         )
 
 

@@ -185,7 +185,9 @@ def freeze_layers(model: nn.Module, ratio: float = 0.75) -> dict[str, Any]:
         "ratio": ratio,
         "frozen_blocks": list(range(n_frozen)),
         "embeddings_frozen": bool(n_frozen),
-        "head_frozen": head is not None and not head.weight.requires_grad,
+        # an int8 head (head_quant_bits) holds codes, no weight parameter: it cannot train
+        "head_frozen": head is not None and not any(p.requires_grad for p in head.parameters(recurse=False)
+                                                    if p.dim() == 2),
         **counts,
     }
 

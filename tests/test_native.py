@@ -117,9 +117,9 @@ def test_it_can_be_turned_off(fresh_build, monkeypatch):
     assert not (fresh_build / "native").exists()
 
 
-def _pivoted_module(out: int, inp: int, rank: int, *, bias: bool, seed: int) -> LowRankLinear:
+def _int8_module(out: int, inp: int, rank: int, *, bias: bool, seed: int, storage: str = "pivoted") -> LowRankLinear:
     g = torch.Generator().manual_seed(seed)
-    module = LowRankLinear(inp, out, rank, bias=bias, storage="pivoted")
+    module = LowRankLinear(inp, out, rank, bias=bias, storage=storage)
     module.set_factors(Factors(torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g)))
     if bias:
         module.bias.data.normal_(generator=g)
@@ -138,7 +138,7 @@ def _pivoted_reference(module: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
                           (16, 192, 576, 100, False), (5, 8, 9, 8, False), (2, 33, 17, 1, True)])
 def test_pivoted_layer_in_one_call_matches_float64(fresh_build, rows, out, inp, rank, bias):
     """Gather, coupling, left and bias in C: every tile remainder, one column to couple, rank 1."""
-    module = _pivoted_module(out, inp, rank, bias=bias, seed=rows + out + inp)
+    module = _int8_module(out, inp, rank, bias=bias, seed=rows + out + inp)
     x = torch.randn(rows, inp)
     with torch.no_grad():
         y = native.int8_pivoted_gemv(x, module.permutation, module.coupling_q, module.coupling_scale,
@@ -154,7 +154,7 @@ def test_pivoted_layer_in_one_call_matches_float64(fresh_build, rows, out, inp, 
 @pytest.mark.parametrize("target", ["-march=x86-64-v4", "-march=x86-64-v3", "-march=x86-64"])
 def test_pivoted_layer_on_every_path(fresh_build, target):
     functions = _built_for(target)
-    module = _pivoted_module(37, 53, 21, bias=True, seed=3)
+    module = _int8_module(37, 53, 21, bias=True, seed=3)
     x, y = torch.randn(5, 53), torch.empty(5, 37)
     work = torch.empty(5 * 53)
     expected = _pivoted_reference(module, x).detach()
@@ -169,7 +169,7 @@ def test_pivoted_layer_on_every_path(fresh_build, target):
 
 @needs_compiler
 def test_pivoted_call_refuses_wrong_buffers_and_a_damaged_permutation(fresh_build):
-    module = _pivoted_module(12, 10, 4, bias=True, seed=5)
+    module = _int8_module(12, 10, 4, bias=True, seed=5)
     good = [torch.randn(2, 10), module.permutation, module.coupling_q, module.coupling_scale,
             module.left_q, module.left_scale, module.bias.detach()]
     for index, bad in [(0, torch.randn(2, 9)), (0, torch.randn(2, 10).double()), (1, module.permutation[:9]),
@@ -186,14 +186,20 @@ def test_pivoted_call_refuses_wrong_buffers_and_a_damaged_permutation(fresh_buil
 
 
 @needs_compiler
-def test_pivoted_module_decodes_in_c_and_leaves_prefill_and_gradients_to_torch(fresh_build, monkeypatch):
-    module = _pivoted_module(24, 20, 6, bias=True, seed=7)
+@pytest.mark.parametrize(("storage", "call"), [("pivoted", "int8_pivoted_gemv"), ("factored", "int8_factored_gemv")])
+def test_int8_module_decodes_in_one_c_call_and_leaves_prefill_and_gradients_to_torch(fresh_build, monkeypatch,
+                                                                                     storage, call):
+    module = _int8_module(24, 20, 6, bias=True, seed=7, storage=storage)
     calls = []
-    real = native.int8_pivoted_gemv
-    monkeypatch.setattr(native, "int8_pivoted_gemv", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    real = getattr(native, call)
+    monkeypatch.setattr(native, call, lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    x = torch.randn(2, 3, 20)
     with torch.no_grad():
-        decode = module(torch.randn(2, 3, 20))  # 6 rows: C
+        decode = module(x)  # 6 rows: C
         module(torch.randn(runtime.SERIAL_ROWS + 1, 20))  # prefill-sized: torch
+        module.kernel = "dequant_serial"  # the torch path of the same module: same numbers
+        torch.testing.assert_close(decode, module(x), rtol=1e-5, atol=1e-5)
+        module.kernel = "auto"
     assert calls == [(6, 20)] and decode.shape == (2, 3, 24)
     x = torch.randn(3, 20, requires_grad=True)  # a gradient to carry back: torch, which has autograd
     module(x).sum().backward()
@@ -204,6 +210,39 @@ def test_pivoted_module_decodes_in_c_and_leaves_prefill_and_gradients_to_torch(f
     torch.testing.assert_close(module.bias.grad, torch.full((24,), 3.0))
 
 
+def _factored_args(module: LowRankLinear, x: torch.Tensor) -> tuple:
+    bias = None if module.bias is None else module.bias.detach()
+    return x, module.right_q, module.right_scale, module.left_q, module.left_scale, bias
+
+
+@needs_compiler
+@pytest.mark.parametrize(("rows", "out", "inp", "rank", "bias"),
+                         [(1, 576, 576, 172, False), (8, 576, 1536, 251, True), (3, 7, 13, 5, True),
+                          (2, 33, 17, 1, True)])
+def test_factored_layer_in_one_call_is_two_gemvs_and_an_add(fresh_build, rows, out, inp, rank, bias):
+    """The same bits as the two calls it replaces (and the add of the bias after them)."""
+    module = _int8_module(out, inp, rank, bias=bias, seed=rows + out, storage="factored")
+    x = torch.randn(rows, inp)
+    middle = native.int8_gemv(x, module.right_q, module.right_scale)
+    two_calls = native.int8_gemv(middle, module.left_q, module.left_scale)
+    two_calls = two_calls if module.bias is None else two_calls + module.bias.detach()
+    for threads in (None, 1, 2):
+        assert torch.equal(native.int8_factored_gemv(*_factored_args(module, x), threads=threads), two_calls)
+
+
+@needs_compiler
+def test_factored_call_refuses_wrong_buffers(fresh_build):
+    module = _int8_module(12, 10, 4, bias=True, seed=5, storage="factored")
+    good = list(_factored_args(module, torch.randn(2, 10)))
+    for index, bad in [(0, torch.randn(2, 9)), (0, torch.randn(2, 10).double()), (0, torch.randn(10)),
+                       (1, module.right_q[:, :9]), (2, module.right_scale[:3]), (3, module.left_q.float()),
+                       (3, module.left_q[:, :3]), (4, module.left_scale[:11]), (5, torch.randn(11))]:
+        args = list(good)
+        args[index] = bad
+        with pytest.raises(ValueError, match="int8_factored_gemv needs"):
+            native.int8_factored_gemv(*args)
+
+
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 8, 13])
 def test_threads_share_the_rows_and_give_the_same_bits(fresh_build, rows):
@@ -212,7 +251,7 @@ def test_threads_share_the_rows_and_give_the_same_bits(fresh_build, rows):
     one = native.int8_gemv(x, q, scale, threads=1)
     for threads in (2, 3):
         assert torch.equal(native.int8_gemv(x, q, scale, threads=threads), one)
-    module = _pivoted_module(1536, 576, 300, bias=True, seed=rows)
+    module = _int8_module(1536, 576, 300, bias=True, seed=rows)
     x = torch.randn(rows, 576)
     args = (x, module.permutation, module.coupling_q, module.coupling_scale, module.left_q,
             module.left_scale, module.bias.detach())

@@ -400,6 +400,51 @@ def test_int8_baseline_refuses_a_compressed_model(tiny_llama):
         quantize_weights_(tiny_llama)
 
 
+# -- the int8 output head (head_quant_bits) ------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])  # tied (llama, gpt2, opt) and untied (qwen2)
+def test_int8_head_is_untied_reported_and_reloads_exactly_in_both_loaders(arch, tiny_windows, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_model(arch)
+    tied = model.config.tie_word_embeddings
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    report = sc.compress_(model, sc.SVDConfig(rank=8, quant_bits=8, head_quant_bits=8))
+    head = model.get_output_embeddings()
+    assert isinstance(head, LowRankLinear) and head.storage == "dense" and head.quant_bits == 8
+    assert report.head["untied"] == tied and not model.config.tie_word_embeddings
+    vocab, hidden = embedding.shape
+    assert report.head["bytes_after"] == vocab * hidden + 4 * vocab  # codes + float32 row scales
+    assert report.head["bytes_before"] == (0 if tied else 4 * vocab * hidden)  # a tied head shared its tensor
+    assert 1e-3 < report.head["weight_error"] < 2e-2
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # the input lookup stays float
+    assert report.model_params_after - report.model_params_before == sum(  # the untied copy counts
+        m.num_stored() - m.in_features * m.out_features for m in _block_modules(model)) + tied * vocab * hidden
+    logits = _logits(model, tiny_windows)
+    folder = sc.save(model, tmp_path / "ckpt")
+    assert json.loads((folder / "config.json").read_text())["compression_config"]["head"] == report.head
+    card = (folder / "README.md").read_text()
+    assert "| output head | INT8 per-row" in card and "the output head and" not in card
+    assert sc.freeze_layers(model, 0.5)["head_frozen"]  # int8 codes: nothing of the head can train
+    for loaded in (sc.load(folder)[0], AutoModelForCausalLM.from_pretrained(folder)):
+        assert isinstance(loaded.get_output_embeddings(), LowRankLinear)
+        assert torch.equal(_logits(loaded, tiny_windows), logits)
+        assert torch.equal(_logits(loaded, tiny_windows[:, :1]), _logits(model, tiny_windows[:, :1]))  # decode: C
+
+
+def _block_modules(model):
+    return [m for name, m in model.named_modules() if isinstance(m, LowRankLinear) and "head" not in name]
+
+
+def test_int8_head_refusals_are_one_clear_line(tiny_llama, monkeypatch):
+    with pytest.raises(ConfigError, match="head_quant_bits=4 is not supported"):
+        sc.SVDConfig(rank=8, head_quant_bits=4)
+    monkeypatch.setattr(type(tiny_llama), "get_output_embeddings", lambda self: None)
+    with pytest.raises(ConfigError, match=r"has no output head.*leave head_quant_bits unset"):
+        sc.compress_(tiny_llama, sc.SVDConfig(rank=8, head_quant_bits=8))
+    assert not any(isinstance(m, LowRankLinear) for m in tiny_llama.modules())  # refused before any work
+
+
 # -- command line ------------------------------------------------------------------------------------
 
 def _cli(args):
@@ -422,6 +467,10 @@ def test_cli_quantize_baseline_then_factors(tiny_folder, tmp_path):
     sc.save(float_model, tmp_path / "float", tokenizer=make_char_tokenizer())
     result = _cli(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "int8")])
     assert result.exit_code == 0 and "int8 factors in 21 low-rank modules" in result.output
+    result = _cli(["quantize", str(tmp_path / "int8"), "--out", str(tmp_path / "head"), "--head"])
+    assert result.exit_code == 0 and "int8 factors in 0 low-rank modules, and the output head" in result.output
+    loaded, _ = sc.load(tmp_path / "head")
+    assert isinstance(loaded.lm_head, LowRankLinear) and loaded.config.compression_config["config"]["head_quant_bits"] == 8
 
 
 def test_cli_unsupported_bits_is_one_clean_line(tiny_folder, tmp_path):

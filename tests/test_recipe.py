@@ -87,6 +87,38 @@ def test_a_recipe_for_another_base_model_is_refused_naming_both(base, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_built_in_model_given_no_setting_runs_its_shipped_recipe(base, tmp_path, monkeypatch):
+    """`compress MODEL --out DIR` on a model with a shipped recipe is that recipe; an option that
+    chooses the compression gives the plain default instead, and options beside it still apply."""
+    from svdcompress import zoo
+
+    first = tmp_path / "first"
+    _compress(base, "--out", first, "--method", "whiten", "--param-ratio", "0.6", "--windows", "6",
+              "--seq-len", "24", "--exclude", "model.layers.2.mlp.up_proj")
+    monkeypatch.setattr(zoo, "shipped_recipe", lambda spec: first / "recipe.yaml" if spec == str(base) else None)
+    shipped = _compress(base, "--out", tmp_path / "shipped", "--quant-bits", "8")
+    assert "the recipe svdcompress ships for it (recipe.yaml" in shipped.output
+    config = json.loads((tmp_path / "shipped" / "config.json").read_text())["compression_config"]
+    assert config["config"] == {**load_recipe(first / "recipe.yaml").to_dict(), "quant_bits": 8}
+    assert config["calibration"] == "wiki:calib seq_len=24 n=6 seed=0"  # the recipe's data settings
+    plain = _compress(base, "--out", tmp_path / "plain", "--param-ratio", "0.5", "--windows", "6", "--seq-len", "24")
+    assert "ships" not in plain.output
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())["compression_config"]["config"]
+    assert config["param_ratio"] == 0.5 and config["exclude"] == [] and config["storage"] == "pivoted"
+
+
+@pytest.mark.real
+def test_the_recipe_shipped_for_smollm2_is_the_best_measured_configuration_for_that_model(smollm2):
+    from svdcompress.recipe import check_base_model
+    from svdcompress.zoo import DEFAULT_MODEL, shipped_recipe
+
+    path = shipped_recipe(DEFAULT_MODEL)
+    config = load_recipe(path)
+    assert (config.method, config.param_ratio, config.storage, config.error_blend) == ("whiten", 0.8, "pivoted", 0.25)
+    assert len(config.rank_pattern) + len(config.exclude) == 210  # every decoder linear allocated
+    check_base_model(path, smollm2[0], DEFAULT_MODEL)  # made for these weights
+
+
 def test_library_save_writes_a_recipe_that_loads_as_the_same_config(tiny_llama, tmp_path):
     config = sc.WhitenConfig(rank_pattern={r"layers\.0\.": 4, "mlp": 0.5}, rank=6, targets=("qko", "mlp"),
                              quant_bits=8, seed=5)

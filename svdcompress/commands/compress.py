@@ -106,6 +106,22 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+# Options that choose the compression itself: with any of them given, a shipped recipe is not used.
+_SHAPING_OPTIONS = ("method", "param_ratio", "rank_ratio", "rank", "targets", "exclude", "rank_pattern",
+                    "storage", "preset_name", "recipe", "allocate", "analysis_dir", "byte_budget",
+                    "int8_options", "speed_caps")
+
+
+def _shipped_recipe(ctx: typer.Context, model: str) -> Path | None:
+    """The recipe svdcompress ships for built-in ``model`` when no option chose the compression:
+    the best configuration measured for it is the default (other options still apply on top)."""
+    if any(_given(ctx, name) for name in _SHAPING_OPTIONS):
+        return None
+    from svdcompress.zoo import shipped_recipe  # lazy: the zoo imports transformers
+
+    return shipped_recipe(model)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def compress(
@@ -124,6 +140,9 @@ def register(app: typer.Typer) -> None:
             "(two factors, r·(out+in)) or dense (the rank-r product kept dense: denoising, saves nothing)")] = None,
         update: Annotated[bool | None, typer.Option("--update/--no-update", help="LS update of left factor")] = None,
         quant_bits: Annotated[int | None, typer.Option(help="store factors as int8 per-row (8); default float")] = None,
+        head_quant_bits: Annotated[int | None, typer.Option(
+            help="store the output head (lm_head) as int8 per-row (8; a tied head is untied, the "
+            "embeddings stay float); default as it was")] = None,
         error_blend: Annotated[float | None, typer.Option(
             help="whiten, 0..1: fit each layer towards the original model's outputs on the inputs "
             "the compressed model feeds it (0: plain whitening; tracks both streams: ~2x the "
@@ -175,8 +194,21 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
         json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
-        """Compress MODEL's linear layers and write a checkpoint folder."""
+        """Compress MODEL's linear layers and write a checkpoint folder.
+
+        A built-in model given no option that chooses the compression (method, ratio, ranks,
+        targets, storage, preset, recipe, allocation) gets the recipe svdcompress ships for it: its
+        best measured configuration (smollm2-135m: allocated ranks for 0.8, pivoted, error blend
+        0.25). Any other model, or any such option, starts from whiten, pivoted, param_ratio 0.8.
+        """
         with handle_errors():
+            shipped = _shipped_recipe(ctx, model)
+            if shipped is not None:
+                recipe = shipped
+                if distributed.is_main():
+                    typer.echo(f"{model}: the recipe svdcompress ships for it ({shipped.name}, its best "
+                               "measured configuration); --method, --param-ratio, --rank, --targets, "
+                               "--storage, --recipe or --allocate choose other settings", err=True)
             config = build_config(
                 method=method, recipe=recipe, preset_name=preset_name,
                 param_ratio=param_ratio, rank_ratio=rank_ratio, rank=rank,
@@ -185,7 +217,8 @@ def register(app: typer.Typer) -> None:
                 # The byte allocator's INT8 options price factored storage only.
                 storage=storage or ("factored" if int8_options else None), update=update,
                 seed=seed if _given(ctx, "seed") else None,
-                quant_bits=quant_bits, calibration_stream=calibration_stream, error_blend=error_blend,
+                quant_bits=quant_bits, head_quant_bits=head_quant_bits, calibration_stream=calibration_stream,
+                error_blend=error_blend,
                 refine_iters=refine_iters, refine_lr=refine_lr,
                 **_importance_flags(method, importance_mode),
             )

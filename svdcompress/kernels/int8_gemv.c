@@ -146,3 +146,18 @@ int int8_pivoted_gemv(const float *x, const int64_t *perm, const int8_t *couplin
             for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
     return 0;
 }
+
+/* Factored storage (modules.LowRankLinear, storage "factored") in one call:
+   y = left · (right · x) + bias, with right (R, K) and left (N, R) int8 with per-row scales and
+   bias NULL or (N,); work holds M * R floats (the rank-R vector). Each matrix is split among its
+   own thread count, as two int8_gemv calls would (the same bits). */
+void int8_factored_gemv(const float *x, const int8_t *right_q, const float *right_scale,
+                        const int8_t *left_q, const float *left_scale, const float *bias, float *work,
+                        float *y, int64_t M, int64_t N, int64_t K, int64_t R, int right_threads,
+                        int left_threads) {
+    int8_gemv(x, right_q, right_scale, work, M, R, K, right_threads);
+    int8_gemv(work, left_q, left_scale, y, M, N, R, left_threads);
+    if (bias)
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+}
