@@ -1,8 +1,9 @@
-"""Issue 14, item 4: what an INT8 output head (``head_quant_bits=8``) costs in quality.
+"""Issue 14, item 4: what an INT8 output head (``head_quant_bits=8``) costs in quality, and with
+``--embeddings`` INT8 input embeddings as well (``embedding_quant_bits=8``).
 
-For each model: load it twice, store one copy's output head as INT8 (``quantize_head_``: per-row
-symmetric, the INT8 baseline's quantizer; a tied head is untied, the input embeddings stay float)
-and measure both side by side on the held-out windows of both domains with
+For each model: load it twice, store one copy's output head (and input embeddings) as INT8
+(``quantize_outer_``: per-row symmetric, the INT8 baseline's quantizer; a tied head is untied, the
+input embeddings staying float unless ``--embeddings``) and measure both side by side on the held-out windows of both domains with
 ``evaluate_model(..., reference=the model as it was)``: perplexities, KL and top-1 agreement
 against the unchanged model. The dense alias among the models gives the dense row, so the others
 also read as ratios to dense (the windows are the same in every row). One row per model, written
@@ -10,6 +11,7 @@ as it finishes; a rerun skips finished rows.
 
     python experiments/head_int8.py smollm2-135m runs/demo/smollm2-135m-allocated-p80-pivoted-blend \\
         runs/speed/w06-int8 --out experiments/results/head_int8/quality.json
+    python experiments/head_int8.py ... --embeddings --out experiments/results/head_int8/quality_embeddings.json
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from svdcompress.evaluate import evaluate_model
 from svdcompress.provenance import write_results
-from svdcompress.quantize import quantize_head_
+from svdcompress.quantize import quantize_outer_
 from svdcompress.zoo import load_model
 
 logger = logging.getLogger("head_int8")
@@ -40,6 +42,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--embeddings", action="store_true", help="the input embeddings as INT8 too")
     return parser.parse_args()
 
 
@@ -47,12 +50,12 @@ def _row(spec: str, args) -> dict:
     start = time.perf_counter()
     original, tokenizer = load_model(spec)
     with_head, _ = load_model(spec)
-    head = quantize_head_(with_head, 8)
+    tables = quantize_outer_(with_head, head_bits=8, embedding_bits=8 if args.embeddings else None)
     result = evaluate_model(with_head, tokenizer, reference=original, data="wiki", n_samples=args.windows,
                             seq_len=args.seq_len, second_domain="sotu", facts=0)
     unchanged = evaluate_model(original, tokenizer, data="wiki", n_samples=args.windows, seq_len=args.seq_len,
                                second_domain="sotu", facts=0)
-    return {"head": head, "int8_head": result, "as_it_was": unchanged,
+    return {**tables, "int8_head": result, "as_it_was": unchanged,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -68,7 +71,7 @@ def main() -> None:
             continue
         data["rows"][spec] = _row(spec, args)
         write_results(args.out, data)
-        logger.info("%s: %s", spec, json.dumps(data["rows"][spec]["head"]))
+        logger.info("%s: %s", spec, json.dumps(data["rows"][spec]["int8_head"]["perplexity"]))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from svdcompress.linalg import (
 )
 from svdcompress.methods import get_method
 from svdcompress.modules import LowRankLinear, dense_weight, fused_specs, stored_numbers
-from svdcompress.quantize import head_to_quantize, quantize_head_, quantize_module
+from svdcompress.quantize import check_outer, quantize_module, quantize_outer_
 from svdcompress.refine import LayerObjective, RefineResult, RefineSettings, refine_factors
 from svdcompress.targets import Target, find_targets
 
@@ -85,7 +85,8 @@ class CompressionReport:
     # full size in ``selected_param_ratio``, the ratio a global budget such as --allocate's meets.
     excluded_modules: int = 0
     excluded_params: int = 0
-    head: dict | None = None  # head_quant_bits: quantize_head_'s summary (bytes, error, untied)
+    head: dict | None = None  # head_quant_bits: quantize_outer_'s summary (bytes, error, untied)
+    embeddings: dict | None = None  # embedding_quant_bits: the same for the input embeddings
 
     def total(self, key: str) -> int:
         return sum(getattr(m, key) for m in self.modules)
@@ -120,7 +121,8 @@ class CompressionReport:
             "model_param_ratio": round(self.model_param_ratio, 4),
             "wall_seconds": round(self.wall_seconds, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
-            **({} if self.head is None else {"head": self.head}),
+            **{key: value for key, value in (("head", self.head), ("embeddings", self.embeddings))
+               if value is not None},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,8 +346,7 @@ def compress_(
     targets = find_targets(model, config.targets, config.exclude)
     excluded = excluded_targets(model, config, targets)  # before the swap: afterwards a role may be gone
     check_finite(model, targets)
-    if config.head_quant_bits is not None:
-        head_to_quantize(model)  # refuse a model without a head before any work
+    check_outer(model, config.head_quant_bits, config.embedding_quant_bits)  # before any work
     int8_targets, targets = _split_dense_int8(config, targets)
     ranks = resolve_ranks(config, targets)
     if config.uses_calibration and calibration is None:
@@ -377,9 +378,9 @@ def compress_(
         run_sequential(model, targets, calibration, compress_block,
                        batch_size=config.calib_batch_size, track_original=config.tracks_original,
                        one_pass=config.calibration_stream == "original")
-    head = None if config.head_quant_bits is None else quantize_head_(model, config.head_quant_bits)
-    if head is not None:
-        compressor.specs[head["name"]] = model.get_submodule(head["name"]).spec()
+    # Last, as the factors' quantization: the calibration ran on the float tables.
+    outer = quantize_outer_(model, head_bits=config.head_quant_bits, embedding_bits=config.embedding_quant_bits)
+    compressor.specs.update({s["name"]: model.get_submodule(s["name"]).spec() for s in outer.values()})
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,
@@ -388,7 +389,7 @@ def compress_(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=None if calibration is None else calibration.source,
         config=config.to_dict(),
-        **excluded, head=head,
+        **excluded, **outer,
     )
     model.config.compression_config = compression_record(model, config, compressor.specs, report,
                                                          importance, base)
@@ -407,6 +408,7 @@ def compression_record(model: nn.Module, config: CompressionConfig, specs: dict,
         "calibration": report.calibration,
         "importance": None if importance is None else importance.source,
         "head": report.head,
+        "embeddings": report.embeddings,
         "library_version": __version__,
         **base,
     })

@@ -122,6 +122,11 @@ class CompressionConfig:
                   "width (None: as it was; supported: 8); a head tied to the input embeddings is "
                   "untied, the embeddings staying float"},
     )
+    embedding_quant_bits: int | None = field(
+        default=None,
+        metadata={"help": "store the input embeddings as symmetric per-row integers of this width "
+                  "(None: as they were; supported: 8); with a tied head, set head_quant_bits too"},
+    )
     dense_int8: tuple[str, ...] = field(
         default=(),
         metadata={"help": "patterns of targeted modules kept unfactored and stored as symmetric "
@@ -159,6 +164,7 @@ class CompressionConfig:
             raise ConfigError(_ONE_STREAM.format(what="update=True"))
         check_quant_bits(self.quant_bits)
         check_quant_bits(self.head_quant_bits, "head_quant_bits")
+        check_quant_bits(self.embedding_quant_bits, "embedding_quant_bits")
         self.dense_int8 = _as_tuple(self.dense_int8, "dense_int8")
         _check_quant_pattern(self.quant_pattern, self.dense_int8)
         _check_refine(self.refine_iters, self.refine_lr)

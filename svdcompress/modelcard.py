@@ -94,9 +94,9 @@ def _ratio(settings: dict) -> str:
 
 def _what_was_done(compression: dict) -> list[tuple[str, str]]:
     settings = compression.get("config") or {}
-    head = compression.get("head")
+    tables = {key: compression[key] for key in ("head", "embeddings") if compression.get(key)}
     modules = {name: spec for name, spec in (compression.get("modules") or {}).items()
-               if head is None or name != head["name"]}
+               if name not in {table["name"] for table in tables.values()}}
     ranks = [spec["rank"] for spec in modules.values()]
     storage = sorted({spec["storage"] for spec in modules.values()})
     int8 = sum(1 for spec in modules.values() if spec.get("quant_bits"))
@@ -111,10 +111,12 @@ def _what_was_done(compression: dict) -> list[tuple[str, str]]:
          else "float (the model's dtype)"),
         ("left dense", _left_dense(settings)),
     ]
-    if head is not None:
-        rows.append(("output head", f"INT{head['quant_bits']} per-row, relative weight error "
-                     f"{head['weight_error']:.4f}" + (" (untied: the input embeddings stay float)"
-                                                      if head["untied"] else "")))
+    for key, what in (("head", "output head"), ("embeddings", "input embeddings")):
+        if key in tables:
+            table = tables[key]
+            untied = " (untied from the " + ("input embeddings" if key == "head" else "output head") + ")"
+            rows.append((what, f"INT{table['quant_bits']} per-row, relative weight error "
+                         f"{table['weight_error']:.4f}" + (untied if table["untied"] else "")))
     if settings.get("rank_pattern"):
         rows.append(("per-module ranks", f"{len(settings['rank_pattern'])} rank_pattern entries (recipe)"))
     if settings.get("update") or settings.get("refine_iters"):
@@ -139,8 +141,9 @@ def _rank_range(ranks: list[int]) -> str:
 
 
 def _left_dense(settings: dict) -> str:
+    embeddings = "" if settings.get("embedding_quant_bits") else "embeddings, "
     head = "" if settings.get("head_quant_bits") else ", the output head"
-    kept = f"embeddings, norms{head} and every layer outside the targets"
+    kept = f"{embeddings}norms{head} and every layer outside the targets"
     if settings.get("exclude"):
         kept += "; excluded: " + ", ".join(f"`{p}`" for p in settings["exclude"])
     return kept

@@ -19,7 +19,10 @@ also commutes with the matmul, so kernels apply it to the outputs and never buil
 (see :mod:`svdcompress.runtime`, selected per module by ``kernel``).
 
 The module remembers the layout it replaced (``linear`` or ``conv1d``) so ``to_dense`` gives back
-the original type and stock transformers can load an exported checkpoint.
+the original type and stock transformers can load an exported checkpoint. Layout ``embedding``
+(dense storage only) holds an ``nn.Embedding``'s (vocab, hidden) table and looks rows up instead of
+multiplying: the int8 input embeddings (``embedding_quant_bits``) are stored, saved and loaded as
+any compressed module.
 
 ``SlicedLinear`` holds a fused projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``) as one
 ordinary linear per logical slice, so each slice can be a ``LowRankLinear`` of its own.
@@ -65,7 +68,7 @@ __all__ = [
     "unsplit_state_dict",
 ]
 
-Layout = Literal["linear", "conv1d"]
+Layout = Literal["linear", "conv1d", "embedding"]
 Storage = Literal["factored", "dense", "pivoted"]
 
 
@@ -183,14 +186,15 @@ class LowRankLinear(nn.Module):
         """
         weight = dense_weight(module).detach()
         out_features, in_features = weight.shape
+        bias = getattr(module, "bias", None)  # an nn.Embedding has none
+        layout = "conv1d" if isinstance(module, Conv1D) else "embedding" if isinstance(module, nn.Embedding) else "linear"
         new = cls(
-            in_features, out_features, min(out_features, in_features), bias=module.bias is not None,
-            storage="dense", layout="conv1d" if isinstance(module, Conv1D) else "linear",
-            device=weight.device, dtype=weight.dtype,
+            in_features, out_features, min(out_features, in_features), bias=bias is not None,
+            storage="dense", layout=layout, device=weight.device, dtype=weight.dtype,
         )
         new.weight.data.copy_(weight)
-        if module.bias is not None:
-            new.bias.data.copy_(module.bias.detach())
+        if bias is not None:
+            new.bias.data.copy_(bias.detach())
         return new
 
     @torch.no_grad()
@@ -242,6 +246,8 @@ class LowRankLinear(nn.Module):
         return self.matrix("weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "embedding":
+            return self._lookup(x)
         if self.storage == "pivoted":
             return self._forward_pivoted(x)
         if self.quant_bits is not None:
@@ -249,6 +255,13 @@ class LowRankLinear(nn.Module):
         if self.storage == "dense":
             return F.linear(x, self.weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., r) then (..., out)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the (vocab, hidden) table: an input embedding (layout ``embedding``)."""
+        if self.quant_bits is None:
+            return F.embedding(ids, self.weight)
+        scale = self._buffers["weight_scale"]
+        return F.embedding(ids, self._buffers["weight_q"]).to(scale.dtype) * scale[ids].unsqueeze(-1)
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         # Matrices in the order they are applied: right then left, (..., in) → (..., r) → (..., out).
@@ -324,8 +337,12 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
-        """An ordinary ``nn.Linear`` (or ``Conv1D``, if that is what was replaced)."""
+        """An ordinary ``nn.Linear`` (or ``Conv1D`` or ``nn.Embedding``, if that is what was replaced)."""
         weight = self.dense_weight().detach()
+        if self.layout == "embedding":
+            dense = nn.Embedding(self.out_features, self.in_features, device=weight.device, dtype=weight.dtype)
+            dense.weight.data.copy_(weight)
+            return dense
         if self.layout == "conv1d":
             dense = Conv1D(self.out_features, self.in_features)
             dense.to(device=weight.device, dtype=weight.dtype)

@@ -4,8 +4,9 @@
   matrix that holds NaN or inf with an error naming the module. ``compress_`` calls it last.
 - :func:`quantize_factors_` does the same for every float low-rank module of an already
   compressed model (so one float checkpoint gives its int8 twin without recomputing the SVD).
-- :func:`quantize_head_` stores the output head (``lm_head``) the same way (``head_quant_bits``):
-  at batch-1 decode the head of a small model is a large share of the bytes read per token.
+- :func:`quantize_outer_` stores the output head (``head_quant_bits``) and the input embeddings
+  (``embedding_quant_bits``) the same way: at batch-1 decode the head of a small model is a large
+  share of the bytes read per token, and the two tables a large share of its bytes.
 - :func:`quantize_weights_` is the baseline without SVD: weight-only, symmetric, per-output-channel
   round-to-nearest INT8 of every targeted linear layer (the same quantizer and the same kernels as
   the int8 factors, so the two are compared on equal terms). Each layer becomes a ``LowRankLinear``
@@ -33,10 +34,10 @@ from svdcompress.targets import find_targets
 
 __all__ = [
     "BASELINE_METHOD",
-    "head_to_quantize",
+    "check_outer",
     "quantize_factors_",
-    "quantize_head_",
     "quantize_module",
+    "quantize_outer_",
     "quantize_weights_",
     "rtn_quantize_",
 ]
@@ -79,59 +80,91 @@ def quantize_factors_(model: nn.Module, bits: int = 8) -> int:
 def _tied_to_embeddings(model: nn.Module, name: str, weight: torch.Tensor) -> bool:
     """The head shares the input embeddings' tensor, or transformers would tie it to them on load
     (a streamed model holds the head's weight alone: the tensors are no longer one)."""
-    embeddings = model.get_input_embeddings()
-    if embeddings is not None and embeddings.weight.data_ptr() == weight.data_ptr():
+    embeddings = getattr(model.get_input_embeddings(), "weight", None)
+    if embeddings is not None and not weight.is_meta and embeddings.data_ptr() == weight.data_ptr():
         return True
     expanded = getattr(model, "get_expanded_tied_weights_keys", None)
     return expanded is not None and f"{name}.weight" in expanded(all_submodels=True)
 
 
-def head_to_quantize(model: nn.Module) -> tuple[str, nn.Module]:
-    """The output head's name and module, or a ConfigError saying why ``head_quant_bits`` cannot
-    apply (no head, or one already stored as int8)."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
+def _named(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def check_outer(model: nn.Module, head_bits: int | None, embedding_bits: int | None) -> bool:
+    """Refuse settings :func:`quantize_outer_` cannot apply to ``model`` (a ConfigError saying why),
+    before any work; returns whether its head is tied to its input embeddings."""
+    check_quant_bits(head_bits, "head_quant_bits")
+    check_quant_bits(embedding_bits, "embedding_quant_bits")
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(head, nn.Linear) and _tied_to_embeddings(model, _named(model, head), head.weight)
+    if head_bits is not None and not isinstance(head, nn.Linear):
         what = "has no output head" if head is None else f"has an output head of type {type(head).__name__}"
         raise ConfigError(f"{type(model).__name__} {what}, which head_quant_bits cannot store as int8 "
                           "(it takes an nn.Linear head); leave head_quant_bits unset.")
-    return next(n for n, m in model.named_modules() if m is head), head
+    if embedding_bits is not None and not isinstance(embeddings, nn.Embedding):
+        raise ConfigError(f"{type(model).__name__}'s input embeddings are a {type(embeddings).__name__}, "
+                          "which embedding_quant_bits cannot store as int8 (it takes an nn.Embedding); "
+                          "leave embedding_quant_bits unset.")
+    if embedding_bits is not None and head_bits is None and tied:
+        raise ConfigError(f"{type(model).__name__}'s output head shares the input embeddings' tensor: an "
+                          "int8 table for the lookup beside the float one the head keeps would store more, "
+                          "not less. Set head_quant_bits too (--head-quant-bits 8), or neither.")
+    return tied
 
 
 @torch.no_grad()
-def quantize_head_(model: nn.Module, bits: int = 8) -> dict[str, Any]:
-    """Store the output head as symmetric per-row ``bits``-bit integers, in place.
-
-    The head becomes a full-rank dense ``LowRankLinear`` with int8 codes (the INT8 baseline's
-    quantizer and kernels), so checkpoints save and load it like any compressed module. A head tied
-    to the input embeddings is untied (``config.tie_word_embeddings = False``): the embeddings stay
-    float for the input lookup, so a tied model stores the int8 copy on top (a quarter of the
-    embedding's float32 bytes). Returns the head's name, bits, bytes before and after (a tied
-    head's "before" is 0: it shared the embedding's tensor), its relative weight error and whether
-    it was untied. A compressed model's ``compression_config`` records the head (its spec, the
-    setting and this summary), so ``save`` writes a checkpoint that ``load`` rebuilds.
-    """
-    check_quant_bits(bits, "head_quant_bits")
-    name, head = head_to_quantize(model)
-    weight = dense_weight(head).detach()
-    tied = _tied_to_embeddings(model, name, weight)
-    new = quantize_module(name, LowRankLinear.full_rank_copy(head), bits)
-    error = relative_weight_error(weight, new.dense_weight())
-    if tied:
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
+def _quantize_table(model: nn.Module, module: nn.Module, bits: int, shared: bool) -> dict[str, Any]:
+    name = _named(model, module)
+    weight = dense_weight(module).detach()
+    new = quantize_module(name, LowRankLinear.full_rank_copy(module), bits)
     model.set_submodule(name, new)
-    if tied and hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the mapping it tied by
+    return {"name": name, "quant_bits": bits, "weight_error": relative_weight_error(weight, new.dense_weight()),
+            "bytes_before": 0 if shared else weight.numel() * weight.element_size(),
+            "bytes_after": new.weight_bytes(), "untied": False}
+
+
+def _untie(model: nn.Module) -> None:
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the mapping it tied by
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
-    summary = {"name": name, "quant_bits": bits, "untied": tied, "weight_error": error,
-               "bytes_before": 0 if tied else weight.numel() * weight.element_size(),
-               "bytes_after": new.weight_bytes()}
+
+
+def quantize_outer_(model: nn.Module, *, head_bits: int | None = None,
+                    embedding_bits: int | None = None) -> dict[str, dict[str, Any]]:
+    """Store the output head (``head_bits``) and/or the input embeddings (``embedding_bits``) as
+    symmetric per-row integers, in place; returns ``{"head": ..., "embeddings": ...}`` for those done.
+
+    Each becomes a full-rank dense ``LowRankLinear`` with int8 codes (the INT8 baseline's quantizer;
+    the head runs on its kernels, the embeddings look rows up: layout ``embedding``), so checkpoints
+    save and load them like any compressed module. A head tied to the input embeddings is untied
+    (``config.tie_word_embeddings = False``): with the head alone, the embeddings stay float for the
+    lookup and the int8 head is stored on top; with both, each is an int8 table (half the float
+    bytes of the one they shared). Each summary: name, bits, relative weight error, bytes before
+    (0 for a tied head: it shared the embeddings' tensor) and after, whether the pair was untied.
+    A compressed model's ``compression_config`` records them (specs, settings, summaries), so
+    ``save`` writes a checkpoint that ``load`` rebuilds.
+    """
+    tied = check_outer(model, head_bits, embedding_bits)
+    done = {}
+    if head_bits is not None:
+        done["head"] = _quantize_table(model, model.get_output_embeddings(), head_bits, shared=tied)
+    if embedding_bits is not None:
+        done["embeddings"] = _quantize_table(model, model.get_input_embeddings(), embedding_bits, shared=False)
+    if tied and done:
+        _untie(model)
+        for summary in done.values():
+            summary["untied"] = True
     compression = getattr(model.config, "compression_config", None)
-    if compression:  # a compressed model: its checkpoint must rebuild the head too
-        compression["modules"][name] = new.spec()
-        compression["config"]["head_quant_bits"] = bits
-        compression["head"] = summary
-    logger.info("output head %s stored as int%d: %s", name, bits, summary)
-    return summary
+    for key, setting in (("head", "head_quant_bits"), ("embeddings", "embedding_quant_bits")):
+        if key in done and compression:  # a compressed model: its checkpoint must rebuild them too
+            compression["modules"][done[key]["name"]] = model.get_submodule(done[key]["name"]).spec()
+            compression["config"][setting] = done[key]["quant_bits"]
+            compression[key] = done[key]
+        if key in done:
+            logger.info("%s %s stored as int%d: %s", key, done[key]["name"], done[key]["quant_bits"], done[key])
+    return done
 
 
 def quantize_weights_(

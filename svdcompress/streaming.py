@@ -67,7 +67,7 @@ from svdcompress.errors import CalibrationError, CheckpointError, ConfigError, M
 from svdcompress.linalg import needs_gram_eigen
 from svdcompress.methods import get_method
 from svdcompress.modules import stored_numbers
-from svdcompress.quantize import head_to_quantize, quantize_head_
+from svdcompress.quantize import check_outer, quantize_outer_
 from svdcompress.targets import Target, decoder_blocks, find_targets
 
 __all__ = [
@@ -648,15 +648,15 @@ def compress_streaming(
     params_before = stored_numbers(run.model)
     if not _run_blocks(run, targets, calibration, out, stop_after):
         return None
-    head = None if config.head_quant_bits is None else _quantize_head(run)
+    outer = _quantize_outer(run)
     reports = run.compressor.reports
     report = CompressionReport(
         method=config.method, modules=reports, model_params_before=params_before,
         model_params_after=params_before - sum(m.params_before - m.params_after for m in reports)
-        + _untied_numbers(run.model, head),
+        + _untied_numbers(run.model, outer.get("head")),
         wall_seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
         calibration=None if calibration is None else calibration.source,
-        config=config.to_dict(), **excluded, head=head,
+        config=config.to_dict(), **excluded, **outer,
     )
     base = {"base_model": base_model or str(source),
             "base_fingerprint": _fingerprint(_skeleton(source, dtype), run.reader, run.aliases)}
@@ -676,6 +676,7 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
     reader.check()
     model = _skeleton(source, dtype)
     check_token_ids(model, calibration)
+    check_outer(model, config.head_quant_bits, config.embedding_quant_bits)
     method = get_method(config)
     if method.prepare is not None:
         raise ConfigError(
@@ -696,16 +697,22 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
     return run, targets, excluded
 
 
-def _quantize_head(run: _Run) -> dict:
-    """``quantize_head_`` with only the head's weight read in (a tied head reads the embeddings):
-    its int8 codes stay in memory for ``_link_shards``, the float weight goes."""
-    name, _ = head_to_quantize(run.model)
-    _materialize(run.model, [f"{name}.weight"], run.reader, run.dtype, run.aliases)
-    head = quantize_head_(run.model, run.config.head_quant_bits)
-    run.compressor.specs[name] = run.model.get_submodule(name).spec()
-    for tensor_name in _outer_tensors(run.model):  # a tied head brought the embeddings in
-        set_module_tensor_to_device(run.model, tensor_name, "meta")
-    return head
+def _quantize_outer(run: _Run) -> dict[str, dict]:
+    """``quantize_outer_`` with only the tables it stores read in: their int8 codes stay in memory
+    for ``_link_shards``, the float weights go."""
+    model, config = run.model, run.config
+    wanted = [(config.head_quant_bits, model.get_output_embeddings()),
+              (config.embedding_quant_bits, model.get_input_embeddings())]
+    chosen = [module for bits, module in wanted if bits is not None]
+    names = [f"{name}.weight" for name, module in model.named_modules() if any(module is m for m in chosen)]
+    if not names:
+        return {}
+    _materialize(model, names, run.reader, run.dtype, run.aliases)
+    outer = quantize_outer_(model, head_bits=config.head_quant_bits, embedding_bits=config.embedding_quant_bits)
+    run.compressor.specs.update({s["name"]: model.get_submodule(s["name"]).spec() for s in outer.values()})
+    for tensor_name in _outer_tensors(model):  # a tied head brought the embeddings in
+        set_module_tensor_to_device(model, tensor_name, "meta")
+    return outer
 
 
 def _untied_numbers(model: nn.Module, head: dict | None) -> int:

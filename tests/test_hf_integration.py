@@ -178,6 +178,9 @@ def test_without_import_stock_transformers_refuses_or_loads_correctly(tmp_path, 
     refused = [_checkpoint(tmp_path, "llama", *SETTINGS[s], name=s)[1] for s in SETTINGS]
     refused.append(_checkpoint(tmp_path, "gpt2", name="gpt2-fused")[1])  # split c_attn, Conv1D
     refused.append(_saved_by_save_pretrained(tmp_path)[1])  # model.save_pretrained after compress_
+    tables = make_tiny_model("llama")  # int8 head and input embeddings: guards under both stock names
+    sc.compress_(tables, sc.SVDConfig(rank=8, quant_bits=8, head_quant_bits=8, embedding_quant_bits=8))
+    refused.append(sc.save(tables, tmp_path / "int8-tables"))
     loaded = [_checkpoint(tmp_path, "llama", "dense", name="dense"), _gpt2_dense_c_proj(tmp_path)]
     outcome, log = _stock_load([*refused, *(folder for _, folder in loaded)], tmp_path)
     for folder in refused:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_char_tokenizer, make_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -400,31 +401,44 @@ def test_int8_baseline_refuses_a_compressed_model(tiny_llama):
         quantize_weights_(tiny_llama)
 
 
-# -- the int8 output head (head_quant_bits) ------------------------------------------------------------
+# -- the int8 output head and input embeddings (head_quant_bits, embedding_quant_bits) -----------------
 
+@pytest.mark.parametrize("embeddings", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])  # tied (llama, gpt2, opt) and untied (qwen2)
-def test_int8_head_is_untied_reported_and_reloads_exactly_in_both_loaders(arch, tiny_windows, tmp_path):
+def test_int8_head_and_embeddings_are_untied_reported_and_reload_exactly_in_both_loaders(
+        arch, embeddings, tiny_windows, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = make_tiny_model(arch)
     tied = model.config.tie_word_embeddings
-    embedding = model.get_input_embeddings().weight.detach().clone()
-    report = sc.compress_(model, sc.SVDConfig(rank=8, quant_bits=8, head_quant_bits=8))
-    head = model.get_output_embeddings()
+    table = model.get_input_embeddings().weight.detach().clone()
+    vocab, hidden = table.shape
+    config = sc.SVDConfig(rank=8, quant_bits=8, head_quant_bits=8, embedding_quant_bits=8 if embeddings else None)
+    report = sc.compress_(model, config)
+    head, lookup = model.get_output_embeddings(), model.get_input_embeddings()
     assert isinstance(head, LowRankLinear) and head.storage == "dense" and head.quant_bits == 8
     assert report.head["untied"] == tied and not model.config.tie_word_embeddings
-    vocab, hidden = embedding.shape
     assert report.head["bytes_after"] == vocab * hidden + 4 * vocab  # codes + float32 row scales
     assert report.head["bytes_before"] == (0 if tied else 4 * vocab * hidden)  # a tied head shared its tensor
     assert 1e-3 < report.head["weight_error"] < 2e-2
-    assert torch.equal(model.get_input_embeddings().weight, embedding)  # the input lookup stays float
+    if embeddings:  # a table of int8 rows, looked up
+        assert isinstance(lookup, LowRankLinear) and lookup.layout == "embedding"
+        assert report.embeddings["bytes_before"] == 4 * vocab * hidden and report.embeddings["untied"] == tied
+        if tied:  # one table, one quantizer
+            assert report.embeddings["weight_error"] == pytest.approx(report.head["weight_error"])
+        ids = tiny_windows[:, :5]
+        torch.testing.assert_close(lookup(ids), F.embedding(ids, table), rtol=0, atol=table.abs().max() / 254)
+    else:
+        assert report.embeddings is None and torch.equal(lookup.weight, table)  # the input lookup stays float
     assert report.model_params_after - report.model_params_before == sum(  # the untied copy counts
         m.num_stored() - m.in_features * m.out_features for m in _block_modules(model)) + tied * vocab * hidden
     logits = _logits(model, tiny_windows)
     folder = sc.save(model, tmp_path / "ckpt")
-    assert json.loads((folder / "config.json").read_text())["compression_config"]["head"] == report.head
+    compression = json.loads((folder / "config.json").read_text())["compression_config"]
+    assert compression["head"] == report.head and compression["embeddings"] == report.embeddings
     card = (folder / "README.md").read_text()
     assert "| output head | INT8 per-row" in card and "the output head and" not in card
+    assert ("| input embeddings | INT8 per-row" in card) == embeddings
     assert sc.freeze_layers(model, 0.5)["head_frozen"]  # int8 codes: nothing of the head can train
     for loaded in (sc.load(folder)[0], AutoModelForCausalLM.from_pretrained(folder)):
         assert isinstance(loaded.get_output_embeddings(), LowRankLinear)
@@ -433,12 +447,18 @@ def test_int8_head_is_untied_reported_and_reloads_exactly_in_both_loaders(arch, 
 
 
 def _block_modules(model):
-    return [m for name, m in model.named_modules() if isinstance(m, LowRankLinear) and "head" not in name]
+    tables = (model.get_output_embeddings(), model.get_input_embeddings())
+    return [m for m in model.modules() if isinstance(m, LowRankLinear) and all(m is not t for t in tables)]
 
 
-def test_int8_head_refusals_are_one_clear_line(tiny_llama, monkeypatch):
+def test_int8_head_and_embedding_refusals_are_one_clear_line(tiny_llama, monkeypatch):
     with pytest.raises(ConfigError, match="head_quant_bits=4 is not supported"):
         sc.SVDConfig(rank=8, head_quant_bits=4)
+    with pytest.raises(ConfigError, match=r"shares the input embeddings' tensor.*--head-quant-bits 8"):
+        sc.compress_(tiny_llama, sc.SVDConfig(rank=8, embedding_quant_bits=8))  # tied: the head too, or neither
+    untied = make_tiny_model("qwen2")
+    report = sc.compress_(untied, sc.SVDConfig(rank=8, embedding_quant_bits=8))  # untied: on its own
+    assert report.head is None and report.embeddings["untied"] is False
     monkeypatch.setattr(type(tiny_llama), "get_output_embeddings", lambda self: None)
     with pytest.raises(ConfigError, match=r"has no output head.*leave head_quant_bits unset"):
         sc.compress_(tiny_llama, sc.SVDConfig(rank=8, head_quant_bits=8))
@@ -467,10 +487,14 @@ def test_cli_quantize_baseline_then_factors(tiny_folder, tmp_path):
     sc.save(float_model, tmp_path / "float", tokenizer=make_char_tokenizer())
     result = _cli(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "int8")])
     assert result.exit_code == 0 and "int8 factors in 21 low-rank modules" in result.output
-    result = _cli(["quantize", str(tmp_path / "int8"), "--out", str(tmp_path / "head"), "--head"])
+    result = _cli(["quantize", str(tmp_path / "int8"), "--out", str(tmp_path / "head"), "--head", "--embeddings"])
     assert result.exit_code == 0 and "int8 factors in 0 low-rank modules, and the output head" in result.output
+    assert "and the input embeddings" in result.output
     loaded, _ = sc.load(tmp_path / "head")
-    assert isinstance(loaded.lm_head, LowRankLinear) and loaded.config.compression_config["config"]["head_quant_bits"] == 8
+    assert isinstance(loaded.lm_head, LowRankLinear) and loaded.model.embed_tokens.layout == "embedding"
+    assert loaded.config.compression_config["config"]["embedding_quant_bits"] == 8
+    result = _cli(["quantize", str(tmp_path / "int8"), "--out", str(tmp_path / "never"), "--embeddings"])
+    assert result.exit_code == 2 and "Set head_quant_bits too" in result.output and not (tmp_path / "never").exists()
 
 
 def test_cli_unsupported_bits_is_one_clean_line(tiny_folder, tmp_path):

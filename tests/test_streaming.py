@@ -29,7 +29,8 @@ CONFIGS = {
     "whiten-one-pass": sc.WhitenConfig(param_ratio=0.6, calibration_stream="original", calib_batch_size=2),
     "whiten+blend": sc.WhitenConfig(param_ratio=0.6, storage="pivoted", error_blend=0.25, calib_batch_size=2),
     "asvd-int8": sc.ASVDConfig(param_ratio=0.6, quant_bits=8),
-    "whiten-int8+int8-head": sc.WhitenConfig(param_ratio=0.6, quant_bits=8, head_quant_bits=8, calib_batch_size=2),
+    "whiten-int8+int8-tables": sc.WhitenConfig(param_ratio=0.6, quant_bits=8, head_quant_bits=8,
+                                               embedding_quant_bits=8, calib_batch_size=2),
 }
 
 
@@ -90,8 +91,9 @@ def test_streaming_writes_the_same_checkpoint_as_in_memory(source, tmp_path, nam
     reference = _in_memory(source, config, tmp_path / "memory", windows)
     report = _streamed(source, config, tmp_path / "stream", windows)
     model = _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
-    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 3 * 7 + (config.head_quant_bits is not None)
-    assert report.head == reference.head
+    tables = (config.head_quant_bits is not None) + (config.embedding_quant_bits is not None)
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 3 * 7 + tables
+    assert (report.head, report.embeddings) == (reference.head, reference.embeddings)
     assert [m.rank for m in report.modules] == [m.rank for m in reference.modules]
     assert [m.output_error for m in report.modules] == [m.output_error for m in reference.modules]
     assert report.model_params_after == reference.model_params_after
@@ -101,11 +103,11 @@ def test_streaming_writes_the_same_checkpoint_as_in_memory(source, tmp_path, nam
 
 def test_untied_qwen2_streams_to_the_same_checkpoint(tmp_path):
     source = _sharded(tmp_path / "qwen", arch="qwen2")
-    config = sc.WhitenConfig(param_ratio=0.5, targets=("mlp",), head_quant_bits=8)
+    config = sc.WhitenConfig(param_ratio=0.5, targets=("mlp",), embedding_quant_bits=8)  # untied: on its own
     reference = _in_memory(source, config, tmp_path / "memory", WINDOWS)
     report = _streamed(source, config, tmp_path / "stream")
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
-    assert report.head == reference.head and not report.head["untied"]
+    assert report.embeddings == reference.embeddings and not report.embeddings["untied"] and report.head is None
     assert report.model_params_after == reference.model_params_after
 
 

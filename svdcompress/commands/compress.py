@@ -143,6 +143,9 @@ def register(app: typer.Typer) -> None:
         head_quant_bits: Annotated[int | None, typer.Option(
             help="store the output head (lm_head) as int8 per-row (8; a tied head is untied, the "
             "embeddings stay float); default as it was")] = None,
+        embedding_quant_bits: Annotated[int | None, typer.Option(
+            help="store the input embeddings as int8 per-row (8; a tied model needs "
+            "--head-quant-bits too); default as they were")] = None,
         error_blend: Annotated[float | None, typer.Option(
             help="whiten, 0..1: fit each layer towards the original model's outputs on the inputs "
             "the compressed model feeds it (0: plain whitening; tracks both streams: ~2x the "
@@ -217,7 +220,8 @@ def register(app: typer.Typer) -> None:
                 # The byte allocator's INT8 options price factored storage only.
                 storage=storage or ("factored" if int8_options else None), update=update,
                 seed=seed if _given(ctx, "seed") else None,
-                quant_bits=quant_bits, head_quant_bits=head_quant_bits, calibration_stream=calibration_stream,
+                quant_bits=quant_bits, head_quant_bits=head_quant_bits,
+                embedding_quant_bits=embedding_quant_bits, calibration_stream=calibration_stream,
                 error_blend=error_blend,
                 refine_iters=refine_iters, refine_lr=refine_lr,
                 **_importance_flags(method, importance_mode),

@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
         exclude: Annotated[list[str] | None, typer.Option(help="baseline only: layers left float")] = None,
         head: Annotated[bool, typer.Option(
             "--head", help="also store the output head (lm_head) as int8 per-row (a tied head is "
-            "untied; the embeddings stay float)")] = False,
+            "untied; the embeddings stay float unless --embeddings)")] = False,
+        embeddings: Annotated[bool, typer.Option(
+            "--embeddings", help="also store the input embeddings as int8 per-row (a tied model "
+            "needs --head too)")] = False,
         overwrite: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
         json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
     ) -> None:
@@ -38,9 +41,9 @@ def register(app: typer.Typer) -> None:
             from svdcompress.errors import ConfigError
             from svdcompress.modules import LowRankLinear
             from svdcompress.quantize import (
-                head_to_quantize,
+                check_outer,
                 quantize_factors_,
-                quantize_head_,
+                quantize_outer_,
                 quantize_weights_,
             )
             from svdcompress.zoo import load_model
@@ -49,8 +52,8 @@ def register(app: typer.Typer) -> None:
             if out.exists() and not overwrite:
                 raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")
             loaded, tokenizer = load_model(model)
-            if head:
-                head_to_quantize(loaded)  # a model without one is refused before any work
+            outer = {"head_bits": bits if head else None, "embedding_bits": bits if embeddings else None}
+            check_outer(loaded, *outer.values())  # before any work
             if any(isinstance(m, LowRankLinear) for m in loaded.modules()):
                 if targets or exclude:
                     raise ConfigError("--targets/--exclude apply to the baseline; a compressed "
@@ -65,9 +68,9 @@ def register(app: typer.Typer) -> None:
                 ratio = summary["target_bytes_after"] / summary["target_bytes_before"]
                 summary = {**summary, "quant_bits": bits, "kind": "baseline", "byte_ratio": ratio}
                 what = f"int{bits} baseline of {summary['modules']} linear layers ({ratio:.1%} of their bytes)"
-            if head:
-                summary["head"] = quantize_head_(loaded, bits)
-                what += f", and the output head ({summary['head']['bytes_after'] / 1e6:.1f} MB)"
+            for key, done in quantize_outer_(loaded, **outer).items():
+                summary[key] = done
+                what += f", and the {'output head' if key == 'head' else 'input embeddings'} ({done['bytes_after'] / 1e6:.1f} MB)"
             save(loaded, out, tokenizer=tokenizer, overwrite=overwrite, command=command_line())
             typer.echo(f"wrote {out}: {what}")
             if json_out is not None:
