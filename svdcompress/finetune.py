@@ -314,7 +314,8 @@ def _check_trainable(model: nn.Module) -> None:
     from svdcompress.modules import LowRankLinear
 
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear) and module.quant_bits is not None:
+        # Dense INT8 layers, head and embeddings hold codes that stay as they are: they run, frozen.
+        if isinstance(module, LowRankLinear) and module.quant_bits is not None and module.storage != "dense":
             raise ConfigError(f"{name} holds int{module.quant_bits} factors, which cannot be "
                               "fine-tuned; fine-tune the float checkpoint, then quantize it.")
 

@@ -126,15 +126,16 @@ def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[st
     chosen: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
+            if module.storage == "dense":
+                # A dense rank-r matrix trained freely would stop being rank r; dense INT8 layers
+                # and the INT8 head and embeddings hold codes: leave them alone.
+                logger.info("%s is stored dense; recovery leaves it frozen", name)
+                continue
             if module.quant_bits is not None:
                 raise ConfigError(
                     f"{name} holds int{module.quant_bits} factors, which cannot be trained; run "
                     "recovery on the float checkpoint and quantize afterwards."
                 )
-            if module.storage == "dense":
-                # A dense rank-r matrix trained freely would stop being rank r: leave it alone.
-                logger.info("%s is stored dense; recovery leaves it frozen", name)
-                continue
             # Any values of the factors (left/right, or pivoted left/coupling) keep the rank r.
             chosen.update({f"{name}.{m}": getattr(module, m) for m in module.matrix_names})
         elif train_norms and "norm" in type(module).__name__.lower():

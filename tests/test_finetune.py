@@ -186,6 +186,17 @@ def test_int8_factors_are_refused(tiny_llama, char_tokenizer):
         finetune_(tiny_llama, char_tokenizer, RECORDS, _fast(), progress=False)
 
 
+def test_int8_head_and_embeddings_run_frozen(tiny_llama, char_tokenizer):
+    """Codes cannot train, but the float factors and the rest can around them."""
+    sc.compress_(tiny_llama, sc.SVDConfig(targets=("qko",), param_ratio=0.6, head_quant_bits=8,
+                                          embedding_quant_bits=8))
+    before = _snapshot(tiny_llama)
+    finetune_(tiny_llama, char_tokenizer, RECORDS, _fast(), progress=False)
+    after = tiny_llama.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lm_head" in k or "embed_tokens" in k)
+    assert not torch.equal(after["model.layers.2.self_attn.q_proj.left"], before["model.layers.2.self_attn.q_proj.left"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume
 

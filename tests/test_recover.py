@@ -53,6 +53,17 @@ def test_recovery_lowers_kl_in_a_few_steps(windows):
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_int8_head_and_embeddings_run_frozen_while_the_float_factors_train(windows):
+    teacher, student = make_tiny_model("llama"), make_tiny_model("llama")
+    compress_(student, SVDConfig(param_ratio=0.5, head_quant_bits=8, embedding_quant_bits=8))
+    tables = {k: v.clone() for k, v in student.state_dict().items() if "head" in k or "embed" in k}
+    before = _kl(student, teacher, windows)
+    recover_(student, teacher, windows, RecoverySettings(steps=12, lr=1e-2, batch_size=4), progress=False)
+    assert _kl(student, teacher, windows) < 0.8 * before
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in tables.items())
+    assert not any("head" in name or "embed" in name for name in trainable_parameters(student))
+
+
 def test_pivoted_modules_train_their_left_and_coupling_and_keep_their_permutation(windows):
     from svdcompress.modules import LowRankLinear
 
