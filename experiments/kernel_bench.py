@@ -21,9 +21,13 @@ default ``auto``; the committed break_even.json was measured with ``dequant``) o
 ranks, with **cold weights** (calls cycle through copies of the layer totalling 3× the L3 cache,
 as at decode, where each layer's weights are read once per token), and reports per shape the
 break-even rank: the largest rank of the grid below which the factored layer is faster than the
-dense one (``float_cache`` runs the same two matmuls as float).
+dense one (``float_cache`` runs the same two matmuls as float). ``--break-even-storage pivoted``
+measures pivoted modules instead (ranks up to min(out, in) − 1, where pivoting still saves
+numbers); the file records the storage, and the allocator applies its caps to that storage only.
 
     python experiments/kernel_bench.py --break-even --break-even-threads 1 2 --out experiments/results/speed
+    python experiments/kernel_bench.py --break-even --break-even-storage pivoted --break-even-threads 1 2 \
+        --out experiments/results/speed/break_even_pivoted
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import svdcompress  # noqa: F401  (first: its OpenMP default must be set before 
 import torch
 import torch.nn.functional as F
 
-from svdcompress.linalg import Factors
+from svdcompress.linalg import Factors, break_even_rank
 from svdcompress.modules import LowRankLinear
 from svdcompress.provenance import write_results
 from svdcompress.runtime import available_kernels
@@ -69,6 +73,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--break-even", action="store_true")
     parser.add_argument("--break-even-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--break-even-kernel", default="auto", help="the int8 factors' kernel")
+    parser.add_argument("--break-even-storage", default="factored", choices=["factored", "pivoted"])
     parser.add_argument("--rank-step", type=int, default=16)
     return parser.parse_args()
 
@@ -80,12 +85,12 @@ def _time_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _modules(out_f: int, in_f: int, rank: int) -> dict:
+def _modules(out_f: int, in_f: int, rank: int, storage: str = "factored") -> dict:
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     factors = Factors(torch.randn(out_f, rank) / rank**0.5, torch.randn(rank, in_f) / in_f**0.5)
-    float_module = LowRankLinear.from_linear(linear, factors)
-    int8_module = LowRankLinear.from_linear(linear, factors).quantize_(8)
+    float_module = LowRankLinear.from_linear(linear, factors, storage=storage)
+    int8_module = LowRankLinear.from_linear(linear, factors, storage=storage).quantize_(8)
     return {"dense": linear, "float": float_module, "int8": int8_module}
 
 
@@ -176,16 +181,17 @@ def _cold_us(module: torch.nn.Module, x: torch.Tensor, nbytes: int) -> float:
 
 def _break_even_shape(out_f: int, in_f: int, args) -> dict:
     """µs per decode call (1 token, cold weights) of dense, float and int8 factors at each rank."""
-    full = out_f * in_f // (out_f + in_f)  # rank at which the factors store as many numbers as W
-    ranks = list(range(args.rank_step, min(out_f, in_f) + 1, args.rank_step))  # int8 can pass `full`
+    full = break_even_rank(out_f, in_f, args.break_even_storage)  # as many numbers as W
+    top = min(out_f, in_f) - (args.break_even_storage == "pivoted")  # pivoted: a gather is left at full rank
+    ranks = sorted({*range(args.rank_step, top + 1, args.rank_step), top})  # int8 can pass `full`
     x = torch.randn(1, in_f)
     samples: dict[str, list[float]] = {"dense@0": []}
     for _ in range(args.rounds):
         for r in ranks:
-            mods = _modules(out_f, in_f, r)
+            mods = _modules(out_f, in_f, r, args.break_even_storage)
             mods["int8"].kernel = args.break_even_kernel
             samples["dense@0"].append(_cold_us(mods["dense"], x, 4 * out_f * in_f))
-            samples.setdefault(f"float@{r}", []).append(_cold_us(mods["float"], x, 4 * r * (out_f + in_f)))
+            samples.setdefault(f"float@{r}", []).append(_cold_us(mods["float"], x, mods["float"].weight_bytes()))
             samples.setdefault(f"int8@{r}", []).append(_cold_us(mods["int8"], x, mods["int8"].weight_bytes()))
     us = {key: statistics.median(v) for key, v in samples.items()}
     dense = us["dense@0"]
@@ -210,7 +216,8 @@ def break_even(args) -> None:
                 logger.info("%s threads=%d: dense %.1f µs, break-even float r=%d int8 r=%d (full %d)",
                             role, threads, row["us"]["dense@0"], row["break_even_float"],
                             row["break_even_int8"], row["full_param_rank"])
-    result = {"threads": args.break_even_threads, "int8_kernel": args.break_even_kernel,
+    result = {"storage": args.break_even_storage, "threads": args.break_even_threads,
+              "int8_kernel": args.break_even_kernel,
               "rounds": args.rounds, "rank_step": args.rank_step,
               "torch": torch.__version__, "loadavg": [load_before, os.getloadavg()[0]], "rows": rows}
     write_results(args.out / "break_even.json", result)

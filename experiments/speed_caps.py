@@ -4,7 +4,8 @@
 shape (``experiments/results/speed/break_even.json``, ``kernel_bench.py --break-even``: the lowest
 over the thread counts measured; float caps for float factors, INT8 caps for INT8 factors). Here,
 from the committed SmolLM2-135M analysis (no model run): for each param_ratio and factor dtype,
-how many of the 210 modules the caps bind, how far, and what the predicted KL pays for it.
+how many of the 210 modules the caps bind, how far, and what the predicted KL pays for it, in the
+storage the file measured (factored, or pivoted: ``kernel_bench.py --break-even-storage pivoted``).
 
 ``--evaluate RATIO`` also compresses SmolLM2 (whiten, factored, INT8 factors) allocated at RATIO
 with and without the caps and measures both beside the dense model on the held-out windows of
@@ -50,14 +51,15 @@ def _args() -> argparse.Namespace:
 
 
 def _binding(analysis, caps: SpeedCaps, ratio: float, int8: bool) -> dict:
-    free = allocate(analysis, param_ratio=ratio)
-    capped = allocate(analysis, param_ratio=ratio, speed_caps=caps, int8_factors=int8)
+    # in the storage the caps were measured for (a file from kernel_bench.py --break-even-storage)
+    free = allocate(analysis, param_ratio=ratio, storage=caps.storage)
+    capped = allocate(analysis, param_ratio=ratio, speed_caps=caps, int8_factors=int8, storage=caps.storage)
     bound = {}
     for module in analysis.modules:
         cap, rank = caps.cap(module, int8), free.ranks[module.name]
         if cap is not None and rank is not None and rank > cap:
             bound[module.name] = {"free": rank, "cap": cap, "capped": capped.ranks[module.name]}
-    return {"param_ratio": ratio, "factors": "int8" if int8 else "float",
+    return {"param_ratio": ratio, "storage": caps.storage, "factors": "int8" if int8 else "float",
             "predicted_kl_free": free.predicted_kl, "predicted_kl_capped": capped.predicted_kl,
             "dense_free": len(free.dense), "dense_capped": len(capped.dense),
             "modules": len(analysis.modules), "bound": bound}

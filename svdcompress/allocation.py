@@ -154,9 +154,9 @@ class Allocation:
                 "settings": self.settings, **({"bits": self.bits} if self.bits else {})}
 
 
-_CAPS_STORAGE = ("speed caps are measured for factored storage (two factors per module); "
-                 "storage={storage!r} has other kernels. Use storage='factored' (--storage factored) "
-                 "with them.")
+_CAPS_STORAGE = ("the speed caps in {source} were measured for {measured} storage, and storage={storage!r} "
+                 "has other kernels: measure its own with `python experiments/kernel_bench.py "
+                 "--break-even --break-even-storage {storage}`, or use --storage {measured}.")
 
 
 @dataclass(frozen=True)
@@ -167,18 +167,27 @@ class SpeedCaps:
     break-even (r·(m+n) = m·n) is higher: float factors stop paying at about 0.8 of it on our CPU.
 
     ``float_ranks`` / ``int8_ranks``: (out, in) -> the largest rank such that every rank up to it
-    was faster than dense, at every thread count the file measured.
+    was faster than dense, at every thread count the file measured. ``storage``: the storage the
+    file measured (``factored``, or ``pivoted`` with ``--break-even-storage pivoted``); caps apply
+    to that storage only.
     """
 
     float_ranks: dict[tuple[int, int], int]
     int8_ranks: dict[tuple[int, int], int]
     source: str = ""
+    storage: str = "factored"
+
+    def check_storage(self, storage: str) -> None:
+        if storage != self.storage:
+            raise ConfigError(_CAPS_STORAGE.format(source=self.source or "the file", measured=self.storage,
+                                                   storage=storage))
 
     @classmethod
     def load(cls, path: str | Path) -> SpeedCaps:
         path = Path(path)
         try:
-            rows = json.loads(path.read_text())["rows"]
+            data = json.loads(path.read_text())
+            rows, storage = data["rows"], data.get("storage", "factored")  # files before pivoted: factored
             measured = [(tuple(r["shape"]), r["break_even_float"], r["break_even_int8"]) for r in rows]
         except FileNotFoundError:
             raise ConfigError(f"speed caps: no file {path}; measure one with `python "
@@ -192,7 +201,7 @@ class SpeedCaps:
         for shape, float_rank, int8_rank in measured:  # the lowest over thread counts holds at all
             float_ranks[shape] = min(float_ranks.get(shape, float_rank), float_rank)
             int8_ranks[shape] = min(int8_ranks.get(shape, int8_rank), int8_rank)
-        return cls(float_ranks, int8_ranks, str(path))
+        return cls(float_ranks, int8_ranks, str(path), storage)
 
     def cap(self, module: ModuleAnalysis, int8: bool) -> int | None:
         """The rank cap of ``module``'s shape; None where the file did not measure it."""
@@ -327,7 +336,7 @@ def allocate(
     ``int8`` (:func:`svdcompress.int8_analysis.int8_sensitivity`, bytes budgets only, factored storage)
     adds per module: INT8 factors at every rank, and dense INT8; the result's ``bits`` says which.
 
-    ``speed_caps`` (factored storage): no rank above the measured speed break-even of its shape —
+    ``speed_caps`` (measured for ``storage``): no rank above the measured speed break-even of its shape —
     the INT8 one for INT8 factors (``int8`` options, or ``int8_factors`` when every factor will
     be INT8), the float one otherwise — so every factored module is faster than dense.
     """
@@ -339,8 +348,8 @@ def allocate(
     cost = cost or (CostModel(storage=storage) if byte_budget is None
                     else CostModel.for_bytes(storage=storage))
     budget = _budget(analysis, cost, param_ratio, byte_budget)
-    if speed_caps is not None and storage != "factored":
-        raise ConfigError(_CAPS_STORAGE.format(storage=storage))
+    if speed_caps is not None:
+        speed_caps.check_storage(storage)
 
     def cap(module: ModuleAnalysis) -> int | None:
         return None if speed_caps is None or int8 is not None else speed_caps.cap(module, int8_factors)
@@ -422,7 +431,7 @@ def allocate_config(
     The sensitivity is measured with whitened truncation whatever ``base_config.method`` is.
     ``int8_options`` (with ``byte_budget``): each module may also be dense INT8 or hold INT8
     factors, priced and predicted from :func:`svdcompress.int8_analysis.int8_sensitivity` (cached in
-    ``analysis_dir`` too). ``speed_caps`` (a break-even file or :class:`SpeedCaps`, factored
+    ``analysis_dir`` too). ``speed_caps`` (a break-even file or :class:`SpeedCaps` measured for the config's
     storage): no rank above the measured speed break-even of its shape (see :func:`allocate`).
     """
     if int8_options and byte_budget is None:
@@ -431,10 +440,10 @@ def allocate_config(
         raise ConfigError("allocation trades parameters; it needs storage='factored' or 'pivoted'.")
     if byte_budget is None and base_config.param_ratio is None:
         raise ConfigError("allocation needs a global budget: param_ratio or a byte budget.")
-    if speed_caps is not None and base_config.storage != "factored":
-        raise ConfigError(_CAPS_STORAGE.format(storage=base_config.storage))
     if speed_caps is not None and not isinstance(speed_caps, SpeedCaps):
         speed_caps = SpeedCaps.load(speed_caps)  # before the analysis: a bad file fails at once
+    if speed_caps is not None:
+        speed_caps.check_storage(base_config.storage)
     analysis = analyze(model, calibration, analysis_dir, targets=base_config.targets,
                        exclude=base_config.exclude, **analysis_options)
     int8 = None

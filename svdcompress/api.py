@@ -41,8 +41,8 @@ def compress(model: str, out: str | Path, config=None, *, data: str = DEFAULT_DA
     ``config``: a :class:`~svdcompress.config.CompressionConfig` (default, as the command line's:
     ``WhitenConfig(param_ratio=0.8, storage="pivoted")``); its ``seed`` picks the calibration
     windows. ``allocate=True`` spends ``config``'s ``param_ratio`` (or ``byte_budget``) as a global
-    budget over ranks chosen from measured sensitivity; with ``speed_caps`` (a break-even file,
-    factored storage) no rank above the one where that shape stops being faster than dense.
+    budget over ranks chosen from measured sensitivity; with ``speed_caps`` (a break-even file
+    measured for the config's storage) no rank above the one where that shape stops being faster than dense.
     ``options`` go to the command's pipeline
     (``error_report``, ``stream``, ``max_memory``, ``recipe``). Returns the summary the command prints.
     """

@@ -130,9 +130,10 @@ def test_byte_budget_with_int8_factors():
     assert spent == allocation.cost_after
 
 
-def _break_even_file(tmp_path, rows) -> str:
-    path = tmp_path / "break_even.json"
-    path.write_text(json.dumps({"rows": [{"shape": list(shape), "threads": threads, "break_even_float": f,
+def _break_even_file(tmp_path, rows, storage=None) -> str:
+    path = tmp_path / f"break_even_{storage}.json"
+    path.write_text(json.dumps({**({"storage": storage} if storage else {}),  # older files: no storage
+                                "rows": [{"shape": list(shape), "threads": threads, "break_even_float": f,
                                           "break_even_int8": q} for shape, threads, f, q in rows]}))
     return str(path)
 
@@ -156,11 +157,20 @@ def test_speed_caps_bound_every_factored_rank_at_the_slowest_thread_count(tmp_pa
     assert capped.predicted_kl >= free.predicted_kl and quantized.predicted_kl <= capped.predicted_kl
 
 
-def test_speed_caps_are_for_factored_storage_and_a_known_file(tmp_path):
-    analysis = synthetic_analysis()
-    caps = SpeedCaps.load(_break_even_file(tmp_path, [((48, 32), 1, 12, 20)]))
-    with pytest.raises(ConfigError, match="measured for factored storage"):
+def test_speed_caps_apply_to_the_storage_they_were_measured_for_and_a_known_file(tmp_path):
+    analysis = synthetic_analysis(seed=6)
+    caps = SpeedCaps.load(_break_even_file(tmp_path, [((48, 32), 1, 12, 20)]))  # a file from before: factored
+    assert caps.storage == "factored"
+    with pytest.raises(ConfigError, match=r"measured for factored storage.*--break-even-storage pivoted"):
         allocate(analysis, param_ratio=0.8, storage="pivoted", speed_caps=caps)
+    pivoted = SpeedCaps.load(_break_even_file(tmp_path, [((64, 32), 1, 10, 14)], storage="pivoted"))
+    with pytest.raises(ConfigError, match="measured for pivoted storage"):
+        allocate(analysis, param_ratio=0.8, speed_caps=pivoted)
+    free = allocate(analysis, param_ratio=0.6, min_rank=2, rank_step=2, storage="pivoted")
+    capped = allocate(analysis, param_ratio=0.6, min_rank=2, rank_step=2, storage="pivoted", speed_caps=pivoted)
+    sixty_four = [n for n in analysis.modules if (n.out_features, n.in_features) == (64, 32)]
+    assert any((free.ranks[m.name] or 0) > 10 for m in sixty_four)  # the cap binds where it was measured
+    assert all(capped.ranks[m.name] is None or capped.ranks[m.name] <= 10 for m in sixty_four)
     with pytest.raises(ConfigError, match=r"no file .*kernel_bench\.py --break-even"):
         SpeedCaps.load(tmp_path / "missing.json")
     (tmp_path / "other.json").write_text(json.dumps({"rows": [{"shape": [4, 4]}]}))

@@ -112,6 +112,8 @@ def pristine(tmp_path_factory):
     (root / "recipe-list.json").write_text("[1, 2]")
     (root / "recipe-unknown.json").write_text(json.dumps({"method": "svd", "colour": "red"}))
     (root / "recipe-broken.json").write_text('{"method": "svd", ')
+    (root / "caps-factored.json").write_text(  # a break-even file as kernel_bench.py writes it (factored)
+        '{"rows": [{"shape": [64, 64], "threads": 1, "break_even_float": 16, "break_even_int8": 24}]}')
     (root / "not-a-model.txt").write_text("hello")
     return root
 
@@ -171,7 +173,7 @@ CLI_ROWS = [
     ("speed-caps-missing", [*COMPRESS, "--allocate", "--param-ratio", "0.6", "--storage", "factored",
                             "--speed-caps", "b.json"], "no file b.json", None),
     ("speed-caps-pivoted", [*COMPRESS, "--allocate", "--param-ratio", "0.6", "--storage", "pivoted",
-                            "--speed-caps", "b.json"], "measured for factored storage", None),
+                            "--speed-caps", "caps-factored.json"], "measured for factored storage", None),
     # data (checked before the model loads)
     ("windows-zero", [*COMPRESS, "--windows", "0"], "at least 1 window", None),
     ("seq-len-zero", [*COMPRESS, "--seq-len", "0"], "positive number of tokens", None),

@@ -182,9 +182,9 @@ def register(app: typer.Typer) -> None:
             "--int8-options", help="with --allocate --byte-budget: each module may also be dense "
             "INT8 or hold INT8 factors (measured per module on the calibration windows)")] = False,
         speed_caps: Annotated[Path | None, typer.Option(
-            help="with --allocate and --storage factored: a break-even file (experiments/results/"
-            "speed/break_even.json): no rank above the one where that layer shape stops decoding "
-            "faster than dense")] = None,
+            help="with --allocate: a break-even file measured for the --storage used (factored: "
+            "experiments/results/speed/break_even.json, pivoted: .../break_even_pivoted/break_even.json): "
+            "no rank above the one where that layer shape stops decoding faster than dense")] = None,
         error_report: Annotated[bool, typer.Option(
             "--error-report/--no-error-report",
             help="svd: also measure each layer's output error on calibration text (a pass "
