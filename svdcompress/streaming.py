@@ -856,7 +856,7 @@ def _link_shards(run: _Run, folder: Path) -> dict[str, str]:
     state = run.model.state_dict()
     for offset, tensor_name in enumerate(outer):
         name = f"model-{len(blocks) + offset + 1:05d}-of-{count:05d}.safetensors"
-        # Computed here (an int8 head) or, as read, from the source shards
+        # Computed here (the int8 head or embeddings) or, as read, from the source shards
         tensors = ({tensor_name: state[tensor_name]} if not state[tensor_name].is_meta
                    else run.reader.read([tensor_name], run.dtype))
         _atomic_save(tensors, folder / name)

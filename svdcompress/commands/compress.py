@@ -199,10 +199,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compress MODEL's linear layers and write a checkpoint folder.
 
-        A built-in model given no option that chooses the compression (method, ratio, ranks,
-        targets, storage, preset, recipe, allocation) gets the recipe svdcompress ships for it: its
-        best measured configuration (smollm2-135m: allocated ranks for 0.8, pivoted, error blend
-        0.25). Any other model, or any such option, starts from whiten, pivoted, param_ratio 0.8.
+        A built-in model given no option that chooses the compression (method,
+        ratio, ranks, targets, storage, preset, recipe, allocation) gets the
+        recipe svdcompress ships for it, its best measured configuration
+        (smollm2-135m: allocated ranks for 0.8, pivoted, error blend 0.25).
+        Other models, or any such option: whiten, pivoted, param_ratio 0.8.
         """
         with handle_errors():
             shipped = _shipped_recipe(ctx, model)
