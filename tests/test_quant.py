@@ -538,3 +538,23 @@ def test_real_smollm2_int8_factors_reload_exactly_and_still_answer(smollm2, tmp_
     set_runtime(loaded, "auto")
     out = loaded.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])
+
+
+@pytest.mark.real
+def test_real_smollm2_with_int8_head_and_embeddings_reloads_exactly_and_still_answers(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    original, tokenizer = smollm2
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model = copy.deepcopy(original)
+    report = sc.compress_(model, sc.SVDConfig(targets=("k_proj",), param_ratio=0.9, quant_bits=8,
+                                              head_quant_bits=8, embedding_quant_bits=8))
+    assert report.head["untied"] and report.embeddings["bytes_before"] == 49152 * 576 * 4
+    assert report.head["bytes_after"] + report.embeddings["bytes_after"] < 0.51 * report.embeddings["bytes_before"]
+    assert report.head["weight_error"] < 0.02
+    logits = _logits(model, prompt)
+    folder = sc.save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    for loaded in (sc.load(folder)[0], AutoModelForCausalLM.from_pretrained(folder)):
+        assert torch.equal(_logits(loaded, prompt), logits)
+        out = loaded.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)  # decode: gemv
+        assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])
