@@ -80,6 +80,9 @@ class BenchError(SvdCompressError):
     """A benchmark worker failed; the message carries its error or the end of its stderr."""
 
 
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class BenchSettings:
     prefill_tokens: int = 512  # prompt length of the prefill measurement (batch 1)
@@ -93,6 +96,7 @@ class BenchSettings:
     kernel: str = "auto"  # int8 kernel (runtime.set_runtime), ignored for float models
     seed: int = 0
     device: str = "cpu"  # where the workers run the model (a concrete device, not "auto")
+    dtype: str = "float32"  # the model's floats (float16/bfloat16: GPU comparisons; int8 codes stay int8)
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -105,6 +109,8 @@ class BenchSettings:
             raise ConfigError("bench warmup must be >= 0 and batch sizes >= 1.")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"bench threads={self.threads} must be >= 1.")
+        if self.dtype not in BENCH_DTYPES:
+            raise ConfigError(f"bench dtype={self.dtype!r}: use one of {', '.join(BENCH_DTYPES)}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,7 +236,8 @@ def measure_model(spec: str, settings: BenchSettings) -> dict[str, Any]:
     process = psutil.Process()
     rss_start = process.memory_info().rss
     start = time.perf_counter()
-    model = _load(spec).to(settings.device)
+    # floating tensors only: int8 codes and the int64 permutation stay as they are
+    model = _load(spec).to(settings.device, getattr(torch, settings.dtype))
     load_seconds = time.perf_counter() - start
     rss_loaded = process.memory_info().rss
     n_int8 = _set_kernel(model, settings.kernel)
@@ -408,7 +415,9 @@ def format_table(result: dict[str, Any]) -> str:
              for label in labels]
     widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in grid]
-    lines.append(f"threads={entries[0]['threads']}  load average {result['host']['loadavg'][0]:.2f}"
+    settings = result["settings"]
+    lines.append(f"threads={entries[0]['threads']}  {settings.get('device', 'cpu')} {settings.get('dtype', 'float32')}"
+                 f"  load average {result['host']['loadavg'][0]:.2f}"
                  f"→{result['loadavg_after'][0]:.2f}  median [min–max] over "
                  f"{result['settings']['rounds']} round(s) × {result['settings']['runs']} runs")
     return "\n".join(lines)

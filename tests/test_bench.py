@@ -67,6 +67,18 @@ def test_settings_are_validated():
         BenchSettings(new_tokens=1)
     with pytest.raises(ConfigError, match="distinct"):
         run_bench(["a"], "a", BenchSettings())
+    with pytest.raises(ConfigError, match="dtype='int4': use one of float32, bfloat16, float16"):
+        BenchSettings(dtype="int4")
+
+
+def test_models_run_in_the_dtype_asked_for(folders):
+    """bfloat16 for GPU comparisons (it runs on the CPU too): floats converted, int8 codes kept."""
+    settings = BenchSettings(batch_sizes=(1,), dtype="bfloat16", **TINY)
+    result = run_bench([str(folders / "int8")], str(folders / "plain"), settings, in_process=True)
+    entry, reference = result["models"][0], result["reference"]
+    assert result["settings"]["dtype"] == "bfloat16" and entry["int8_modules"] == 21
+    assert reference["weight_bytes"]["total"] == sum(p.numel() * 2 for p in make_tiny_model("llama").parameters())
+    assert "cpu bfloat16" in format_table(result)
 
 
 def test_cli_measures_in_a_fresh_process_and_writes_json(folders, tmp_path):

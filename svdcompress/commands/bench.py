@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
         kernel: Annotated[str, typer.Option(
             help="int8 kernel: auto, dequant, dequant_serial, gemv, int_mm, fbgemm, int8pack, float_cache")] = "auto",
         device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+        dtype: Annotated[str, typer.Option(
+            help="the models' floats: float32, bfloat16 or float16 (GPU comparisons); int8 codes stay")] = "float32",
     ) -> None:
         """Prefill and decode tokens/s, peak RSS, bytes of weights and load time, side by side."""
         with handle_errors():
@@ -54,6 +56,7 @@ def register(app: typer.Typer) -> None:
                 # workers are fresh processes: pass the count on (the global --threads sets ours)
                 threads=threads or torch.get_num_threads(),
                 device=str(resolve_device(device)),  # resolved here: workers get a concrete one
+                dtype=dtype,
             )
             result = run_bench(models or ["smollm2-135m"], against, settings)
             typer.echo(format_table(result))
