@@ -259,6 +259,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {out}")
 
 
+def _cell(value) -> str:
+    if isinstance(value, dict) and "quant_bits" in value:  # an int8 table (head or embeddings)
+        untied = ", untied" if value["untied"] else ""
+        return (f"INT{value['quant_bits']} {value['name']}: {value['bytes_after']:,} bytes "
+                f"(was {value['bytes_before']:,}{untied}), weight error {value['weight_error']:.4f}")
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -267,5 +275,5 @@ def _print_summary(summary: dict, out: Path) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, _cell(value))
     Console().print(table)
