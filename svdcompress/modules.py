@@ -260,8 +260,10 @@ class LowRankLinear(nn.Module):
         """Rows ``ids`` of the (vocab, hidden) table: an input embedding (layout ``embedding``)."""
         if self.quant_bits is None:
             return F.embedding(ids, self.weight)
-        scale = self._buffers["weight_scale"]
-        return F.embedding(ids, self._buffers["weight_q"]).to(scale.dtype) * scale[ids].unsqueeze(-1)
+        q, scale = self._buffers["weight_q"], self._buffers["weight_scale"]
+        flat = ids.reshape(-1)  # index_select: every dtype on every device (CUDA's embedding has no int8)
+        rows = q.index_select(0, flat).to(scale.dtype) * scale.index_select(0, flat).unsqueeze(-1)
+        return rows.reshape(*ids.shape, self.in_features)
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         # Matrices in the order they are applied: right then left, (..., in) → (..., r) → (..., out).
