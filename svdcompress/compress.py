@@ -44,6 +44,7 @@ __all__ = [
     "compress_",
     "compression_record",
     "excluded_targets",
+    "quantize_tables_",
     "resolve_ranks",
 ]
 
@@ -378,9 +379,7 @@ def compress_(
         run_sequential(model, targets, calibration, compress_block,
                        batch_size=config.calib_batch_size, track_original=config.tracks_original,
                        one_pass=config.calibration_stream == "original")
-    # Last, as the factors' quantization: the calibration ran on the float tables.
-    outer = quantize_outer_(model, head_bits=config.head_quant_bits, embedding_bits=config.embedding_quant_bits)
-    compressor.specs.update({s["name"]: model.get_submodule(s["name"]).spec() for s in outer.values()})
+    outer = quantize_tables_(model, config, compressor.specs)
     report = CompressionReport(
         method=config.method, modules=compressor.reports,
         model_params_before=params_before,
@@ -396,6 +395,15 @@ def compress_(
     attach_quantizer(model)  # model.save_pretrained then writes what from_pretrained reads
     logger.info("compressed %d modules: %s", len(targets), report.summary())
     return report
+
+
+def quantize_tables_(model: nn.Module, config: CompressionConfig, specs: dict) -> dict[str, dict]:
+    """The output head and input embeddings as int8 where ``config`` asks (``quantize_outer_``'s
+    summaries), their layouts added to ``specs``. Last, as the factors' quantization: calibration
+    ran on the float tables."""
+    outer = quantize_outer_(model, head_bits=config.head_quant_bits, embedding_bits=config.embedding_quant_bits)
+    specs.update({s["name"]: model.get_submodule(s["name"]).spec() for s in outer.values()})
+    return outer
 
 
 def compression_record(model: nn.Module, config: CompressionConfig, specs: dict,

@@ -256,6 +256,14 @@ class LowRankLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., r) then (..., out)
 
+    def _bias_for_c(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the bias a fused C call adds, the bias added after it): a bias that trains needs
+        autograd, which the C code has not, so it is added in torch."""
+        bias = self.bias
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            return None, bias
+        return bias, None
+
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the (vocab, hidden) table: an input embedding (layout ``embedding``)."""
         if self.quant_bits is None:
@@ -282,17 +290,16 @@ class LowRankLinear(nn.Module):
                 flat = fbgemm_linear(flat, packed)
             y = flat.reshape(*x.shape[:-1], self.out_features)
         elif resolve_kernel(self.kernel) == "gemv" and gemv_usable(x):
-            # decode: the matrices and the bias in one C call (a trained bias after it), one reshape
-            flat, bias = x.reshape(-1, x.shape[-1]), self.bias
+            # decode: the matrices (and the bias, unless it trains) in one C call, one reshape
+            flat = x.reshape(-1, x.shape[-1])
             if self.storage == "dense":
-                y = native.int8_gemv(flat, buffers["weight_q"], buffers["weight_scale"])
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y if bias is None else y + bias
-            trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-            y = native.int8_factored_gemv(flat, buffers["right_q"], buffers["right_scale"], buffers["left_q"],
-                                          buffers["left_scale"], None if trained_bias else bias)
+                y, after = native.int8_gemv(flat, buffers["weight_q"], buffers["weight_scale"]), self.bias
+            else:
+                in_c, after = self._bias_for_c()
+                y = native.int8_factored_gemv(flat, buffers["right_q"], buffers["right_scale"], buffers["left_q"],
+                                              buffers["left_scale"], in_c)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + bias if trained_bias else y
+            return y if after is None else y + after
         else:
             y = x
             for name in order:
@@ -304,14 +311,14 @@ class LowRankLinear(nn.Module):
         # The pivot columns of x pass straight through; the others are folded into them by coupling.
         permutation = self._buffers["permutation"]
         if self.quant_bits is not None and resolve_kernel(self.kernel) == "gemv" and gemv_usable(x):
-            # decode: the gather, both matrices and the bias in one C call (a trained bias after it)
-            buffers, bias = self._buffers, self.bias
-            trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+            # decode: the gather, both matrices (and the bias, unless it trains) in one C call
+            buffers = self._buffers
+            in_c, after = self._bias_for_c()
             y = native.int8_pivoted_gemv(
                 x.reshape(-1, x.shape[-1]), permutation, buffers["coupling_q"], buffers["coupling_scale"],
-                buffers["left_q"], buffers["left_scale"], None if trained_bias else bias)
+                buffers["left_q"], buffers["left_scale"], in_c)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + bias if trained_bias else y
+            return y if after is None else y + after
         # On 2-D rows: index_select along the last dim of a 3-D tensor took 3.6x as long on one
         # thread, far longer on two (BENCHMARKS.md, issue 14, session of 2026-12-07).
         flat = x.reshape(-1, x.shape[-1])  # (M, in)

@@ -154,6 +154,22 @@ def _int8_matrix(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> 
             and scale.shape == (rows,) and q.is_cpu and scale.is_cpu)
 
 
+def _layer_shape(x: torch.Tensor, left_q: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, in, out, rank) of a fused layer call, or -1s where ``x`` or ``left`` is not 2-D."""
+    if x.dim() == 2 and left_q.dim() == 2:
+        return (*x.shape, *left_q.shape)
+    return -1, -1, -1, -1
+
+
+def _bias_fits(bias: torch.Tensor | None, out: int) -> bool:
+    return bias is None or (bias.dtype is torch.float32 and bias.shape == (out,) and bias.is_cpu)
+
+
+def _described(**tensors: torch.Tensor | None) -> dict:
+    """Name -> (dtype, shape) of the tensors a refused call was given, for its error."""
+    return {name: None if t is None else (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
 def int8_factored_gemv(x: torch.Tensor, right_q: torch.Tensor, right_scale: torch.Tensor,
                        left_q: torch.Tensor, left_scale: torch.Tensor, bias: torch.Tensor | None,
                        threads: int | None = None) -> torch.Tensor:
@@ -163,16 +179,12 @@ def int8_factored_gemv(x: torch.Tensor, right_q: torch.Tensor, right_scale: torc
     call's overhead (it is paid per module per decoded token). ``threads`` as in :func:`int8_gemv`,
     for both matrices. Call :func:`gemv_available` first."""
     # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
-    if x.dim() == 2 and left_q.dim() == 2:
-        (rows, width), (out, rank) = x.shape, left_q.shape
-    else:
-        rows = width = out = rank = -1
+    rows, width, out, rank = _layer_shape(x, left_q)
     if not (x.dtype is torch.float32 and x.is_cpu and rows >= 0 and rank >= 1
             and _int8_matrix(right_q, right_scale, rank, width) and _int8_matrix(left_q, left_scale, out, rank)
-            and (bias is None or (bias.dtype is torch.float32 and bias.shape == (out,) and bias.is_cpu))):
-        shapes = {name: (t.dtype, tuple(t.shape)) if t is not None else None for name, t in [
-            ("x", x), ("right_q", right_q), ("right_scale", right_scale), ("left_q", left_q),
-            ("left_scale", left_scale), ("bias", bias)]}
+            and _bias_fits(bias, out)):
+        shapes = _described(x=x, right_q=right_q, right_scale=right_scale, left_q=left_q, left_scale=left_scale,
+                            bias=bias)
         raise ValueError(f"int8_factored_gemv needs float32 x (M, in), int8 right (r, in) and left (out, r) "
                          f"with float32 row scales, float32 bias (out,) or None, all on the CPU; got {shapes}")
     # contiguous() may copy: the copies are named so that they outlive the call
@@ -198,19 +210,13 @@ def int8_pivoted_gemv(x: torch.Tensor, permutation: torch.Tensor, coupling_q: to
     ``coupling`` (r, in − r) and ``left`` (out, r) with float32 per-row scales, and ``bias`` (out,)
     or None; ``threads`` as in :func:`int8_gemv`. Call :func:`gemv_available` first."""
     # A C loop reads past the end of a wrong-sized buffer instead of raising: check here.
-    if x.dim() == 2 and left_q.dim() == 2:
-        (rows, width), (out, rank) = x.shape, left_q.shape
-    else:
-        rows = width = out = rank = -1
+    rows, width, out, rank = _layer_shape(x, left_q)
     if not (x.dtype is torch.float32 and x.is_cpu and rows >= 0
             and permutation.dtype is torch.int64 and permutation.shape == (width,) and permutation.is_cpu
             and 1 <= rank <= width and _int8_matrix(coupling_q, coupling_scale, rank, width - rank)
-            and _int8_matrix(left_q, left_scale, out, rank)
-            and (bias is None or (bias.dtype is torch.float32 and bias.shape == (out,) and bias.is_cpu))):
-        shapes = {name: (t.dtype, tuple(t.shape)) if t is not None else None for name, t in [
-            ("x", x), ("permutation", permutation), ("coupling_q", coupling_q),
-            ("coupling_scale", coupling_scale), ("left_q", left_q), ("left_scale", left_scale),
-            ("bias", bias)]}
+            and _int8_matrix(left_q, left_scale, out, rank) and _bias_fits(bias, out)):
+        shapes = _described(x=x, permutation=permutation, coupling_q=coupling_q, coupling_scale=coupling_scale,
+                            left_q=left_q, left_scale=left_scale, bias=bias)
         raise ValueError(f"int8_pivoted_gemv needs float32 x (M, in), int64 permutation (in,), int8 "
                          f"coupling (r, in - r) and left (out, r) with float32 row scales, float32 bias "
                          f"(out,) or None, all on the CPU; got {shapes}")

@@ -60,6 +60,7 @@ from svdcompress.compress import (
     check_token_ids,
     compression_record,
     excluded_targets,
+    quantize_tables_,
     resolve_ranks,
 )
 from svdcompress.config import CompressionConfig
@@ -67,7 +68,7 @@ from svdcompress.errors import CalibrationError, CheckpointError, ConfigError, M
 from svdcompress.linalg import needs_gram_eigen
 from svdcompress.methods import get_method
 from svdcompress.modules import stored_numbers
-from svdcompress.quantize import check_outer, quantize_outer_
+from svdcompress.quantize import check_outer
 from svdcompress.targets import Target, decoder_blocks, find_targets
 
 __all__ = [
@@ -698,7 +699,7 @@ def _start(source: Path, config: CompressionConfig, out: Path, calibration: Cali
 
 
 def _quantize_outer(run: _Run) -> dict[str, dict]:
-    """``quantize_outer_`` with only the tables it stores read in: their int8 codes stay in memory
+    """``quantize_tables_`` with only the tables it stores read in: their int8 codes stay in memory
     for ``_link_shards``, the float weights go."""
     model, config = run.model, run.config
     wanted = [(config.head_quant_bits, model.get_output_embeddings()),
@@ -708,8 +709,7 @@ def _quantize_outer(run: _Run) -> dict[str, dict]:
     if not names:
         return {}
     _materialize(model, names, run.reader, run.dtype, run.aliases)
-    outer = quantize_outer_(model, head_bits=config.head_quant_bits, embedding_bits=config.embedding_quant_bits)
-    run.compressor.specs.update({s["name"]: model.get_submodule(s["name"]).spec() for s in outer.values()})
+    outer = quantize_tables_(model, config, run.compressor.specs)
     for tensor_name in _outer_tensors(model):  # a tied head brought the embeddings in
         set_module_tensor_to_device(model, tensor_name, "meta")
     return outer

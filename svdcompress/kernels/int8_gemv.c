@@ -122,6 +122,13 @@ int int8_gemv_parallel(void) {
 #endif
 }
 
+/* y[m, :] += bias for every row m; bias NULL: nothing */
+static void add_bias(float *y, const float *bias, int64_t M, int64_t N) {
+    if (!bias) return;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+}
+
 /* Pivoted storage (modules.LowRankLinear, storage "pivoted") in one call:
    y = left · (x[:, perm[:R]] + coupling · x[:, perm[R:]]) + bias, with left (N, R) and coupling
    (R, K - R) int8 with per-row scales, perm a permutation of the K input columns and bias NULL or
@@ -141,9 +148,7 @@ int int8_pivoted_gemv(const float *x, const int64_t *perm, const int8_t *couplin
     for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < R; ++j) mixed[m * R + j] += x[m * K + perm[j]];
     int8_gemv(mixed, left_q, left_scale, y, M, N, R, threads);
-    if (bias)
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    add_bias(y, bias, M, N);
     return 0;
 }
 
@@ -157,7 +162,5 @@ void int8_factored_gemv(const float *x, const int8_t *right_q, const float *righ
                         int left_threads) {
     int8_gemv(x, right_q, right_scale, work, M, R, K, right_threads);
     int8_gemv(work, left_q, left_scale, y, M, N, R, left_threads);
-    if (bias)
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    add_bias(y, bias, M, N);
 }
